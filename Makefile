@@ -1,0 +1,38 @@
+# flashsae: `make train` and `make test` each work from a fresh clone (they run setup first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# A CUDA build of torch where a GPU is visible, the CPU build elsewhere.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+TORCH ?= $(if $(HAS_GPU),torch,torch==2.13.0)
+
+# Make variables in capitals pass through to `python -m flashsae.train`.
+FLAGS := MODEL SITE ARCH N_LATENTS K TOKENS BATCH_SIZE LR CACHE OUT DEVICE SEED
+TRAIN_ARGS := $(foreach v,$(FLAGS),$(if $($(v)),--$(subst _,-,$(shell echo $(v) | tr A-Z a-z)) $($(v))))
+
+.PHONY: setup train test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m flashsae.train $(TRAIN_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: $(STAMP)
+	$(PY) bench/topk_bench.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,176 @@
+"""Capture activations at named sites with forward hooks, and build a sharded cache from them.
+
+A site is a module path in the model (``blocks.3.hook_resid_post`` in the bundled
+model, where every TransformerLens site is an identity module), or a TransformerLens
+name mapped onto a Hugging Face model's modules (``hf_layouts.py``). The forward pass
+stops as soon as every requested site has fired, so later layers never run.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .hf_layouts import hf_layout
+from .shards import ShardWriter
+
+SITE_PATTERN = re.compile(r"blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)")
+
+
+class _StopForward(Exception):
+    """Raised by the last hook to end the forward pass early."""
+
+
+@dataclass
+class SitePoint:
+    """Where a site's tensor lives: the output of ``module``, or its first input."""
+
+    module: nn.Module
+    kind: str = "output"  # or "input"
+
+    def hook(self, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> RemovableHandle:
+        """Call ``fn(h)`` on the site's tensor h; a returned tensor replaces h."""
+        if self.kind == "output":
+
+            def on_output(module: nn.Module, args: tuple, out: object) -> object:
+                h = out[0] if isinstance(out, tuple) else out
+                new = fn(h)
+                if new is None:
+                    return None
+                return (new, *out[1:]) if isinstance(out, tuple) else new
+
+            return self.module.register_forward_hook(on_output)
+
+        def on_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+            new = fn(args[0] if args else kwargs["hidden_states"])
+            if new is None:
+                return None
+            if args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+
+        return self.module.register_forward_pre_hook(on_input, with_kwargs=True)
+
+
+def resolve_site(model: nn.Module, site: str) -> SitePoint:
+    """Where ``site`` is in ``model``: a module path, or a TransformerLens name mapped through
+    the model's Hugging Face layout; a UserError listing the valid names otherwise."""
+    modules = dict(model.named_modules())
+    if site in modules:
+        return SitePoint(modules[site])
+    layout = hf_layout(model)
+    match = SITE_PATTERN.fullmatch(site)
+    if layout is not None and match:
+        return layout.site_point(model, int(match.group(1)), match.group(2))
+    n_layers = (
+        layout.n_layers(model)
+        if layout
+        else sum(1 for name in modules if re.fullmatch(r"blocks\.\d+", name))
+    )
+    hint = (
+        f"blocks.{{0..{n_layers - 1}}}.hook_{{resid_pre,resid_mid,resid_post,attn_out,mlp_out}}"
+        " or a module path"
+        if n_layers
+        else "module paths from model.named_modules()"
+    )
+    raise UserError(f"unknown site {site!r}; this model's sites are {hint}")
+
+
+@contextmanager
+def splice(
+    model: nn.Module, site: str, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """Within the block, replace the tensor ``h`` at ``site`` with ``fn(h)``."""
+    handle = resolve_site(model, site).hook(fn)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def capture(model: nn.Module, tokens: torch.Tensor, sites: list[str]) -> dict[str, torch.Tensor]:
+    """Run ``model(tokens)`` until every site has fired; returns ``{site: [B, T, d]}``."""
+    points = {site: resolve_site(model, site) for site in sites}
+    out: dict[str, torch.Tensor] = {}
+
+    def record(site: str) -> Callable[[torch.Tensor], None]:
+        def fn(h: torch.Tensor) -> None:
+            out[site] = h
+            if len(out) == len(sites):
+                raise _StopForward
+
+        return fn
+
+    handles = [point.hook(record(site)) for site, point in points.items()]
+    try:
+        model(tokens)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = set(sites) - set(out)
+    if missing:
+        raise UserError(f"sites {sorted(missing)} never ran in the forward pass")
+    return out
+
+
+def check_finite(acts: dict[str, torch.Tensor]) -> None:
+    for site, x in acts.items():
+        if not torch.isfinite(x).all():
+            raise UserError(
+                f"non-finite activations (NaN/inf) at {site}; check the model and dtype"
+            )
+
+
+def build_cache(
+    model: nn.Module,
+    sequences: torch.Tensor,
+    sites: list[str],
+    out: Path,
+    settings: dict,
+    batch_size: int = 64,
+    rows_per_shard: int = 65536,
+    skip_first: int = 1,
+) -> dict:
+    """Capture ``sites`` over ``sequences`` ``[S, T]`` into the cache ``out``; returns its manifest.
+
+    The first ``skip_first`` positions of every sequence (the BOS token) are dropped.
+    Rows are written in sequence order, so a rerun skips the rows already on disk and
+    continues exactly where the last complete shard ended.
+    """
+    device = next(model.parameters()).device
+    writer = ShardWriter(out, {**settings, "sites": sites}, rows_per_shard)
+    if writer.complete:
+        return writer.manifest
+    rows_per_seq = sequences.shape[1] - skip_first
+    skip_rows = writer.rows_done
+    first_seq = skip_rows // rows_per_seq
+    bar = tqdm(
+        total=len(sequences) * rows_per_seq,
+        initial=first_seq * rows_per_seq,
+        desc=f"capturing {', '.join(sites)}",
+        unit="tok",
+        unit_scale=True,
+    )
+    for start in range(first_seq, len(sequences), batch_size):
+        batch = sequences[start : start + batch_size]
+        acts = capture(model, batch.to(device), sites)
+        check_finite(acts)
+        rows = {s: a[:, skip_first:].reshape(-1, a.shape[-1]) for s, a in acts.items()}
+        toks = batch[:, skip_first:].reshape(-1)
+        drop = max(0, skip_rows - start * rows_per_seq)  # rows of a half-written sequence
+        writer.add({s: r[drop:] for s, r in rows.items()}, toks[drop:])
+        bar.update(len(toks))
+    bar.close()
+    return writer.finish()

@@ -1,0 +1,101 @@
+"""Shuffled, prefetched batches of cached activations.
+
+Each epoch visits the shards in a seeded random order, ``buffer_shards`` at a
+time; the rows of a buffer are shuffled together and dealt out to ranks
+(rank r takes rows r, r + world_size, ...), so the ranks of one epoch read
+disjoint rows that together cover every row once. A background thread loads
+the next batches while the trainer works.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .shards import load_shard, open_cache
+
+
+class ActivationLoader:
+    """Iterate ``[batch_size, d]`` batches of ``site`` from the cache in ``folder``, forever."""
+
+    def __init__(
+        self,
+        folder: Path,
+        site: str,
+        batch_size: int,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        buffer_shards: int = 4,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.folder = Path(folder)
+        self.manifest = open_cache(self.folder, site)
+        self.site = site
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = torch.device(device)
+        self.buffer_shards = buffer_shards
+        self.rank, self.world_size = rank, world_size
+
+    @property
+    def rows(self) -> int:
+        return self.manifest["total_rows"]
+
+    def epoch_batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        """The batches of one epoch, on the CPU (the last partial batch is dropped)."""
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        shards = self.manifest["shards"]
+        order = torch.randperm(len(shards), generator=gen).tolist()
+        carry = None
+        for i in range(0, len(order), self.buffer_shards):
+            parts = [
+                load_shard(self.folder, shards[j], self.site)
+                for j in order[i : i + self.buffer_shards]
+            ]
+            rows = torch.cat(parts)
+            rows = rows[torch.randperm(len(rows), generator=gen)][self.rank :: self.world_size]
+            if carry is not None:
+                rows = torch.cat([carry, rows])
+            full = len(rows) // self.batch_size * self.batch_size
+            yield from rows[:full].split(self.batch_size)
+            carry = rows[full:]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """Batches on ``device``, epoch after epoch, loaded ahead by a background thread."""
+        pin = self.device.type == "cuda"
+        q: queue.Queue = queue.Queue(maxsize=4)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                epoch = 0
+                while not stop.is_set():
+                    for batch in self.epoch_batches(epoch):
+                        batch = batch.pin_memory() if pin else batch.clone()
+                        while not stop.is_set():
+                            try:
+                                q.put(batch, timeout=0.1)
+                                break
+                            except queue.Full:
+                                continue
+                        if stop.is_set():
+                            return
+                    epoch += 1
+            except Exception as e:  # handed to the consumer, raised there
+                q.put(e)
+
+        thread = threading.Thread(target=produce, daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item.to(self.device, non_blocking=True)
+        finally:
+            stop.set()

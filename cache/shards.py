@@ -1,0 +1,194 @@
+"""Sharded safetensors activation caches: an atomic, resumable writer and a checked reader.
+
+A cache is a directory holding ``manifest.json`` and ``shard-00000.safetensors``, ...
+Each shard holds one ``[rows, d]`` tensor per site (keyed by the site name) and the
+``tokens`` (int32) the rows came from. A shard is written to a temporary name,
+flushed, fsynced and renamed, and only then added to the manifest (itself replaced
+atomically), so a crash loses at most the shard in flight and a rerun resumes.
+
+The manifest's ``stats`` hold running sums over the listed shards (row count,
+per-dimension sum, sum of squared norms, float64), so the mean and the mean
+squared norm are exact for whatever is complete on disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise UserError(
+                f"disk full while writing {path}; free space and rerun to resume"
+            ) from e
+        raise UserError(f"cannot write {path}: {e.strerror}") from e
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of the cache in ``folder``; a UserError if missing, malformed or too new."""
+    path = Path(folder) / "manifest.json"
+    if not path.exists():
+        raise UserError(f"{folder} is not an activation cache (no manifest.json)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); rebuild the cache") from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{path} has format version {manifest.get('format_version')!r}; "
+            f"this flashsae reads version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+class ShardWriter:
+    """Buffers captured rows and writes fixed-size shards; resumes an unfinished cache.
+
+    ``settings`` describe what the cache is (model, sites, d, dtype, data, ...). An
+    existing manifest with different settings is an error, never overwritten.
+    """
+
+    def __init__(self, folder: Path, settings: dict, rows_per_shard: int) -> None:
+        self.folder = Path(folder)
+        self.sites: list[str] = list(settings["sites"])
+        self.d: int = settings["d"]
+        self.dtype = DTYPES[settings["dtype"]]
+        self.rows_per_shard = rows_per_shard
+        self.buffer: dict[str, list[torch.Tensor]] = {k: [] for k in [*self.sites, "tokens"]}
+        self.buffered = 0
+        settings = {**settings, "rows_per_shard": rows_per_shard}
+        if (self.folder / "manifest.json").exists():
+            self.manifest = read_manifest(self.folder)
+            if self.manifest["settings"] != settings:
+                raise UserError(
+                    f"{self.folder} holds a cache built with different settings; "
+                    "choose another --out or delete it"
+                )
+        else:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"cannot create cache directory {self.folder}: {e.strerror}") from e
+            stats = {s: {"count": 0, "sum": [0.0] * self.d, "sum_sq_norm": 0.0} for s in self.sites}
+            self.manifest = {
+                "format_version": FORMAT_VERSION,
+                "settings": settings,
+                "complete": False,
+                "total_rows": 0,
+                "shards": [],
+                "stats": stats,
+            }
+            self._save_manifest()
+
+    @property
+    def rows_done(self) -> int:
+        """Rows in complete shards on disk."""
+        return self.manifest["total_rows"]
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest["complete"]
+
+    def add(self, acts: dict[str, torch.Tensor], tokens: torch.Tensor) -> None:
+        """Append rows (``acts[site]`` is ``[rows, d]``, ``tokens`` is ``[rows]``)."""
+        for site in self.sites:
+            self.buffer[site].append(acts[site].to("cpu", self.dtype))
+        self.buffer["tokens"].append(tokens.to("cpu", torch.int32))
+        self.buffered += len(tokens)
+        while self.buffered >= self.rows_per_shard:
+            self._flush(self.rows_per_shard)
+
+    def finish(self) -> dict:
+        """Write the last partial shard, mark the cache complete, return the manifest."""
+        if self.buffered:
+            self._flush(self.buffered)
+        self.manifest["complete"] = True
+        self._save_manifest()
+        return self.manifest
+
+    def _flush(self, rows: int) -> None:
+        tensors = {}
+        for key, parts in self.buffer.items():
+            joined = torch.cat(parts)
+            tensors[key] = joined[:rows].contiguous()
+            self.buffer[key] = [joined[rows:]]
+        self.buffered -= rows
+        data = save(tensors)
+        name = shard_name(len(self.manifest["shards"]))
+        _write_atomic(self.folder / name, data)
+        for site in self.sites:
+            x = tensors[site].double()
+            stats = self.manifest["stats"][site]
+            stats["count"] += rows
+            stats["sum"] = (torch.tensor(stats["sum"], dtype=torch.float64) + x.sum(0)).tolist()
+            stats["sum_sq_norm"] += x.square().sum().item()
+        entry = {"file": name, "rows": rows, "sha256": hashlib.sha256(data).hexdigest()}
+        self.manifest["shards"].append(entry)
+        self.manifest["total_rows"] += rows
+        self._save_manifest()
+
+    def _save_manifest(self) -> None:
+        _write_atomic(self.folder / "manifest.json", json.dumps(self.manifest, indent=1).encode())
+
+
+def site_stats(manifest: dict, site: str) -> tuple[torch.Tensor, float]:
+    """(per-dimension mean, mean squared norm) of ``site`` over the whole cache."""
+    stats = manifest["stats"][site]
+    count = max(stats["count"], 1)
+    return torch.tensor(stats["sum"], dtype=torch.float64) / count, stats["sum_sq_norm"] / count
+
+
+def open_cache(folder: Path, site: str | None = None) -> dict:
+    """Read and check a finished cache's manifest; ``site`` must be one of its sites."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if not manifest["complete"]:
+        raise UserError(f"{folder} is an unfinished cache; rerun the build to resume it")
+    sites = manifest["settings"]["sites"]
+    if site is not None and site not in sites:
+        raise UserError(f"{folder} has no site {site!r}; it holds {', '.join(sites)}")
+    return manifest
+
+
+def load_shard(folder: Path, entry: dict, site: str, verify: bool = False) -> torch.Tensor:
+    """One shard's ``[rows, d]`` activations for ``site``; checks size (and checksum if asked)."""
+    path = Path(folder) / entry["file"]
+    if verify:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != entry["sha256"]:
+            raise UserError(f"{path} is corrupt (checksum mismatch); rebuild the cache")
+    try:
+        with safe_open(path, framework="pt") as fh:
+            x = fh.get_tensor(site)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is unreadable or truncated ({e}); rebuild the cache") from e
+    if x.shape[0] != entry["rows"]:
+        raise UserError(f"{path} has {x.shape[0]} rows, manifest says {entry['rows']}")
+    return x

@@ -1,0 +1,64 @@
+"""The whole `python -m flashsae.train` pipeline at tiny size, as `make train` runs it."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from flashsae.cache.shards import read_manifest
+from flashsae.cache.subjects import get_subject
+from flashsae.train.__main__ import METRIC_KEYS
+from flashsae.train.sae import load_sae
+from tests.helpers import run_cli
+
+TINY = ["--model", "bytelm-tiny", "--tokens", "65536", "--batch-size", "1024"]
+TINY += ["--eval-tokens", "4096", "--n-latents", "512", "--k", "16"]
+
+
+def test_pipeline_end_to_end(tmp_path):
+    first = run_cli("flashsae.train", *TINY, "--out", str(tmp_path / "run1"))
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "run1"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(METRIC_KEYS) | {"tokens", "train_seconds"} <= set(metrics)
+    assert metrics["l0"] <= 16 + 1e-9 and metrics["l0"] > 8
+    assert 0 < metrics["fvu"] < 0.6
+    assert abs(metrics["explained_variance"] - (1 - metrics["fvu"])) < 1e-9
+    assert 0.5 < metrics["gamma"] < 1.5
+    assert 0 <= metrics["dead_frac"] <= 0.5
+    assert 0.3 < metrics["ce_loss_recovered"] <= 1.05
+    assert metrics["kl"] >= 0
+    assert metrics["tokens"] == 65536
+
+    cfg = json.loads((run / "cfg.json").read_text())
+    assert cfg["arch"] == "topk" and cfg["n_latents"] == 512 and cfg["k"] == 16
+    assert set(load_file(run / "sae.safetensors")) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["metrics/fvu"] == metrics["fvu"]
+    assert any("losses/mse" in r for r in logged)
+    assert "wandb sync" in first.stdout and list((run / "wandb").glob("offline-run-*"))
+
+    # the checkpoint (normalization folded in) reconstructs raw activations as logged
+    cache = next(
+        line.split(": ", 1)[1] for line in first.stdout.splitlines() if "activation cache:" in line
+    )
+    manifest = read_manifest(cache)
+    assert manifest["complete"] and manifest["total_rows"] >= 65536
+    sae = load_sae(run)
+    assert sae.cfg.input_scale == 1.0
+
+    # a second run reuses the trained model and the cache
+    second = run_cli("flashsae.train", *TINY, "--out", str(tmp_path / "run2"))
+    assert second.returncode == 0, second.stderr
+    assert "training bundled byte LM" not in second.stderr
+    assert "capturing" not in second.stderr
+    assert f"activation cache: {cache}" in second.stdout
+    # same seed, same data: same SAE
+    w1 = load_file(run / "sae.safetensors")["W_dec"]
+    w2 = load_file(tmp_path / "run2" / "sae.safetensors")["W_dec"]
+    torch.testing.assert_close(w1, w2)
+
+    # and training from the cache directly
+    third = run_cli("flashsae.train", *TINY, "--cache", cache, "--out", str(tmp_path / "run3"))
+    assert third.returncode == 0, third.stderr
+    assert get_subject("bytelm-tiny", 128).d_model == cfg["d"]

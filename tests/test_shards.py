@@ -1,0 +1,93 @@
+"""The shard writer and loader: atomic shards, exact resume, and clear errors."""
+
+import json
+
+import pytest
+import torch
+
+from flashsae.cache.errors import UserError
+from flashsae.cache.loader import ActivationLoader
+from flashsae.cache.shards import ShardWriter, load_shard, open_cache, site_stats
+
+SETTINGS = {"model": "m", "sites": ["a", "b"], "d": 8, "dtype": "float32"}
+
+
+def rows(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"a": torch.randn(n, 8, generator=g), "b": torch.randn(n, 8, generator=g)}, torch.arange(
+        n
+    )
+
+
+def read_all(folder, site):
+    manifest = open_cache(folder, site)
+    return torch.cat([load_shard(folder, e, site, verify=True) for e in manifest["shards"]])
+
+
+def test_shards_stats_and_resume(tmp_path):
+    acts, toks = rows(250, 0)
+    whole = ShardWriter(tmp_path / "whole", SETTINGS, rows_per_shard=64)
+    for i in range(0, 250, 50):
+        whole.add({k: v[i : i + 50] for k, v in acts.items()}, toks[i : i + 50])
+    manifest = whole.finish()
+    assert [s["rows"] for s in manifest["shards"]] == [64, 64, 64, 58]
+    torch.testing.assert_close(read_all(tmp_path / "whole", "a"), acts["a"])
+    mean, msn = site_stats(manifest, "b")
+    torch.testing.assert_close(mean.float(), acts["b"].mean(0))
+    assert abs(msn - acts["b"].square().sum(1).mean().item()) < 1e-4
+
+    # interrupted after 150 rows: only the two complete shards survive
+    part = ShardWriter(tmp_path / "part", SETTINGS, rows_per_shard=64)
+    part.add({k: v[:150] for k, v in acts.items()}, toks[:150])
+    del part
+    resumed = ShardWriter(tmp_path / "part", SETTINGS, rows_per_shard=64)
+    assert resumed.rows_done == 128 and not resumed.complete
+    resumed.add({k: v[128:] for k, v in acts.items()}, toks[128:])
+    resumed.finish()
+    for site in ("a", "b"):
+        torch.testing.assert_close(read_all(tmp_path / "part", site), acts[site])
+    m2 = json.loads((tmp_path / "part" / "manifest.json").read_text())
+    assert m2["stats"] == manifest["stats"]
+
+
+def test_different_settings_refused(tmp_path):
+    ShardWriter(tmp_path, SETTINGS, rows_per_shard=64)
+    with pytest.raises(UserError, match="different settings"):
+        ShardWriter(tmp_path, {**SETTINGS, "d": 16}, rows_per_shard=64)
+
+
+def test_corrupt_and_truncated_shards(tmp_path):
+    acts, toks = rows(100, 1)
+    w = ShardWriter(tmp_path, SETTINGS, rows_per_shard=64)
+    w.add(acts, toks)
+    manifest = w.finish()
+    path = tmp_path / manifest["shards"][0]["file"]
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="checksum"):
+        load_shard(tmp_path, manifest["shards"][0], "a", verify=True)
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(UserError, match="truncated"):
+        load_shard(tmp_path, manifest["shards"][0], "a")
+    with pytest.raises(UserError, match="no site"):
+        open_cache(tmp_path, "c")
+
+
+def test_loader_covers_every_row_once_per_epoch_across_ranks(tmp_path):
+    acts, toks = rows(256, 2)
+    acts["a"][:, 0] = torch.arange(256).float()  # row id in column 0
+    w = ShardWriter(tmp_path, SETTINGS, rows_per_shard=32)
+    w.add(acts, toks)
+    w.finish()
+    seen = []
+    for rank in range(2):
+        loader = ActivationLoader(
+            tmp_path, "a", 16, seed=3, rank=rank, world_size=2, buffer_shards=3
+        )
+        seen += [b[:, 0] for b in loader.epoch_batches(0)]
+    ids = torch.cat(seen).long()
+    assert sorted(ids.tolist()) == list(range(256))
+    assert ids[:32].tolist() != list(range(32))  # shuffled
+    batches = iter(ActivationLoader(tmp_path, "a", 16, seed=3))
+    assert next(batches).shape == (16, 8)

@@ -1,0 +1,202 @@
+"""``python -m flashsae.train``: capture activations, train an SAE, evaluate it, log to W&B.
+
+Pipeline: subject model (trained on first use if bundled) -> activation cache
+(built or reused) -> SAE training -> held-out evaluation with the SAE spliced in
+-> ``sae.safetensors`` + ``cfg.json`` + ``metrics.json`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from flashsae.cache.bytelm import flashsae_home
+from flashsae.cache.capture import build_cache
+from flashsae.cache.errors import UserError
+from flashsae.cache.loader import ActivationLoader
+from flashsae.cache.shards import open_cache, site_stats
+from flashsae.cache.subjects import get_subject
+
+from .evaluate import evaluate
+from .sae import ARCHS, SAE_CLASSES, SAEConfig, save_sae
+from .trainer import TrainConfig, train_sae
+from .wandb_log import RunLogger
+
+METRIC_KEYS = (
+    "l0 fvu explained_variance mse cosine l2_ratio gamma dead_frac dense_frac "
+    "ce_loss_recovered delta_lm_loss kl"
+).split()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m flashsae.train",
+        description="Capture activations, train a sparse autoencoder, evaluate it, log to W&B.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="bytelm", help="subject model: bytelm or bytelm-tiny")
+    p.add_argument(
+        "--site", default=None, help="e.g. blocks.1.hook_resid_post (default: middle layer)"
+    )
+    p.add_argument("--arch", default="topk", choices=ARCHS, help="SAE architecture")
+    p.add_argument(
+        "--n-latents", type=int, default=None, help="dictionary size (default 16 x d_model)"
+    )
+    p.add_argument("--k", type=int, default=32, help="active latents per token")
+    p.add_argument("--tokens", type=int, default=2_000_000, help="training tokens")
+    p.add_argument("--batch-size", type=int, default=4096, help="tokens per SAE step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--cache", type=Path, default=None, help="existing activation cache directory")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<name>)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order and SAE init")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per captured sequence")
+    p.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens to evaluate on")
+    p.add_argument("--dead-window", type=int, default=10_000_000, help="AuxK dead-latent window")
+    return p.parse_args(argv)
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
+    return name
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for flag in ("tokens", "batch_size", "k", "eval_tokens", "seq_len"):
+        if getattr(args, flag) <= 0:
+            raise UserError(
+                f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}"
+            )
+    if args.n_latents is not None and args.k > args.n_latents:
+        raise UserError(f"--k {args.k} is larger than --n-latents {args.n_latents}")
+    if args.tokens < args.batch_size:
+        raise UserError(
+            f"--tokens {args.tokens} is less than one batch (--batch-size {args.batch_size})"
+        )
+    if args.seq_len < 2:
+        raise UserError("--seq-len must be at least 2 (BOS plus one token)")
+
+
+def cache_dir_for(settings: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return flashsae_home() / "caches" / f"{settings['model_key']}-{digest}"
+
+
+def run(args: argparse.Namespace) -> dict:
+    check_args(args)
+    device = pick_device(args.device)
+    subject = get_subject(args.model, args.seq_len)
+    site = args.site or subject.default_site
+    subject.check_site(site)
+    n_latents = args.n_latents or 16 * subject.d_model
+    if args.k > n_latents:
+        raise UserError(f"--k {args.k} is larger than the {n_latents} latents")
+    name = f"{args.arch}-{args.model}-{site}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out or Path("runs") / name
+    if (out / "metrics.json").exists():
+        raise UserError(f"{out} already holds a finished run; choose another --out")
+    torch.manual_seed(args.seed)
+
+    model = subject.load(device)
+    if args.cache is None:
+        settings = {
+            "model": args.model,
+            "model_key": subject.key,
+            "d": subject.d_model,
+            "dtype": "bfloat16",
+            "seq_len": args.seq_len,
+            "tokens": args.tokens,
+            "seed": args.seed,
+            "dataset": "python stdlib source, train split",
+            "tokenizer": "bytes + BOS",
+        }
+        cache = cache_dir_for({**settings, "sites": [site]})
+        seqs = subject.sequences("train", args.tokens, args.seq_len, args.seed)
+        print(f"activation cache: {cache}")
+        manifest = build_cache(model, seqs, [site], cache, settings)
+    else:
+        cache = args.cache
+        if not cache.exists():
+            raise UserError(f"--cache {cache} does not exist; omit --cache to build one")
+        manifest = open_cache(cache, site)
+        if manifest["settings"]["d"] != subject.d_model:
+            raise UserError(
+                f"{cache} holds d={manifest['settings']['d']} activations; "
+                f"{args.model} has d_model={subject.d_model}"
+            )
+    mean, mean_sq_norm = site_stats(manifest, site)
+    scale = math.sqrt(subject.d_model / mean_sq_norm)  # so that E||x||² = d
+    sae_cfg = SAEConfig(
+        arch=args.arch,
+        d=subject.d_model,
+        n_latents=n_latents,
+        k=args.k,
+        k_aux=subject.d_model // 2,
+        site=site,
+        model=args.model,
+        input_scale=scale,
+    )
+    sae = SAE_CLASSES[args.arch](sae_cfg).to(device)
+    sae.init_b_dec((mean * scale).float().to(device))
+    train_cfg = TrainConfig(
+        tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, dead_window=args.dead_window
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        **vars(args),
+        "site": site,
+        "n_latents": n_latents,
+        "cache": str(cache),
+        "out": str(out),
+    }
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in config.items()}
+    logger = RunLogger(out, config, name)
+    loader = ActivationLoader(cache, site, args.batch_size, seed=args.seed, device=device)
+    summary = train_sae(sae, iter(loader), train_cfg, logger)
+
+    sae.eval()
+    eval_seqs = subject.sequences("val", args.eval_tokens, args.seq_len, args.seed)
+    results, _ = evaluate(sae, model, eval_seqs.to(device))
+    metrics = {k: results[k] for k in METRIC_KEYS} | summary
+    save_sae(sae, out)
+    (out / "metrics.json.tmp").write_text(json.dumps(metrics, indent=2))
+    (out / "metrics.json.tmp").replace(out / "metrics.json")
+    logger.log({f"metrics/{k}": v for k, v in results.items()}, step=summary["tokens"])
+    logger.summary(metrics)
+    logger.log_artifact(
+        f"sae-{args.arch}", [out / "sae.safetensors", out / "cfg.json", out / "metrics.json"]
+    )
+    logger.finish()
+    print(json.dumps(metrics, indent=2))
+    print(f"run saved to {out}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume from the cache", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

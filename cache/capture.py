@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .errors import UserError
 from .hf_layouts import hf_layout
 from .shards import ShardWriter
+from .text import Packed
 
 SITE_PATTERN = re.compile(r"blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)")
 
@@ -133,44 +134,64 @@ def check_finite(acts: dict[str, torch.Tensor]) -> None:
             )
 
 
+def keep_mask(
+    tokens: torch.Tensor, drop_tokens: tuple[int, ...] = (), skip_first: int = 1
+) -> torch.Tensor:
+    """``[S, T]`` bool: the rows worth caching (not BOS, not padding or other listed tokens)."""
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    keep[:, :skip_first] = False
+    if drop_tokens:
+        keep &= ~torch.isin(tokens, torch.tensor(drop_tokens, dtype=tokens.dtype))
+    return keep
+
+
 def build_cache(
     model: nn.Module,
-    sequences: torch.Tensor,
+    packed: Packed,
     sites: list[str],
     out: Path,
     settings: dict,
     batch_size: int = 64,
     rows_per_shard: int = 65536,
-    skip_first: int = 1,
+    drop_tokens: tuple[int, ...] = (),
 ) -> dict:
-    """Capture ``sites`` over ``sequences`` ``[S, T]`` into the cache ``out``; returns its manifest.
+    """Capture ``sites`` over the packed sequences into the cache ``out``; returns its manifest.
 
-    The first ``skip_first`` positions of every sequence (the BOS token) are dropped.
-    Rows are written in sequence order, so a rerun skips the rows already on disk and
-    continues exactly where the last complete shard ended.
+    Rows at BOS and at ``drop_tokens`` are dropped; each kept row is stored with its
+    token id, document index, position and sequence index. Rows are written in sequence
+    order and the manifest records where the last complete shard ended, so a rerun
+    continues exactly there.
     """
     device = next(model.parameters()).device
     writer = ShardWriter(out, {**settings, "sites": sites}, rows_per_shard)
     if writer.complete:
         return writer.manifest
-    rows_per_seq = sequences.shape[1] - skip_first
-    skip_rows = writer.rows_done
-    first_seq = skip_rows // rows_per_seq
+    tokens, n_seqs, seq_len = packed.tokens, *packed.tokens.shape
+    keep = keep_mask(tokens, drop_tokens)
+    first_seq, written = writer.cursor
+    if written:  # sequence first_seq is partly on disk: drop its first `written` kept rows
+        keep[first_seq, keep[first_seq].nonzero()[:written, 0]] = False
+    positions = torch.arange(seq_len, dtype=torch.int32).expand(n_seqs, seq_len)
+    seq_ids = torch.arange(n_seqs, dtype=torch.int32)[:, None].expand(n_seqs, seq_len)
     bar = tqdm(
-        total=len(sequences) * rows_per_seq,
-        initial=first_seq * rows_per_seq,
+        total=n_seqs * seq_len,
+        initial=first_seq * seq_len,
         desc=f"capturing {', '.join(sites)}",
         unit="tok",
         unit_scale=True,
     )
-    for start in range(first_seq, len(sequences), batch_size):
-        batch = sequences[start : start + batch_size]
-        acts = capture(model, batch.to(device), sites)
+    for start in range(first_seq, n_seqs, batch_size):
+        rows = slice(start, start + batch_size)
+        acts = capture(model, tokens[rows].to(device), sites)
         check_finite(acts)
-        rows = {s: a[:, skip_first:].reshape(-1, a.shape[-1]) for s, a in acts.items()}
-        toks = batch[:, skip_first:].reshape(-1)
-        drop = max(0, skip_rows - start * rows_per_seq)  # rows of a half-written sequence
-        writer.add({s: r[drop:] for s, r in rows.items()}, toks[drop:])
-        bar.update(len(toks))
+        mask = keep[rows]
+        meta = {
+            "tokens": tokens[rows][mask],
+            "doc": packed.doc[rows][mask],
+            "pos": positions[rows][mask],
+            "seq": seq_ids[rows][mask],
+        }
+        writer.add({s: a[mask.to(a.device)] for s, a in acts.items()}, meta)
+        bar.update(mask.numel())
     bar.close()
     return writer.finish()

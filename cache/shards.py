@@ -1,10 +1,12 @@
 """Sharded safetensors activation caches: an atomic, resumable writer and a checked reader.
 
 A cache is a directory holding ``manifest.json`` and ``shard-00000.safetensors``, ...
-Each shard holds one ``[rows, d]`` tensor per site (keyed by the site name) and the
-``tokens`` (int32) the rows came from. A shard is written to a temporary name,
-flushed, fsynced and renamed, and only then added to the manifest (itself replaced
-atomically), so a crash loses at most the shard in flight and a rerun resumes.
+Each shard holds one ``[rows, d]`` tensor per site (keyed by the site name) and, per
+row, the token id (``tokens``), the document index (``doc``), the position in its
+sequence (``pos``) and the sequence index (``seq``), all int32. A shard is written to
+a temporary name, flushed, fsynced and renamed, and only then added to the manifest
+(itself replaced atomically), so a crash loses at most the shard in flight and a
+rerun resumes from the manifest's ``cursor``.
 
 The manifest's ``stats`` hold running sums over the listed shards (row count,
 per-dimension sum, sum of squared norms, float64), so the mean and the mean
@@ -26,6 +28,7 @@ from safetensors.torch import save
 from .errors import UserError
 
 FORMAT_VERSION = 1
+META = ("tokens", "doc", "pos", "seq")  # int32 per-row columns stored beside the activations
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -81,7 +84,7 @@ class ShardWriter:
         self.d: int = settings["d"]
         self.dtype = DTYPES[settings["dtype"]]
         self.rows_per_shard = rows_per_shard
-        self.buffer: dict[str, list[torch.Tensor]] = {k: [] for k in [*self.sites, "tokens"]}
+        self.buffer: dict[str, list[torch.Tensor]] = {k: [] for k in [*self.sites, *META]}
         self.buffered = 0
         settings = {**settings, "rows_per_shard": rows_per_shard}
         if (self.folder / "manifest.json").exists():
@@ -102,6 +105,7 @@ class ShardWriter:
                 "settings": settings,
                 "complete": False,
                 "total_rows": 0,
+                "cursor": [0, 0],
                 "shards": [],
                 "stats": stats,
             }
@@ -113,15 +117,22 @@ class ShardWriter:
         return self.manifest["total_rows"]
 
     @property
+    def cursor(self) -> tuple[int, int]:
+        """(sequence s, rows of s already on disk): where the next shard's rows start."""
+        seq, written = self.manifest["cursor"]
+        return seq, written
+
+    @property
     def complete(self) -> bool:
         return self.manifest["complete"]
 
-    def add(self, acts: dict[str, torch.Tensor], tokens: torch.Tensor) -> None:
-        """Append rows (``acts[site]`` is ``[rows, d]``, ``tokens`` is ``[rows]``)."""
+    def add(self, acts: dict[str, torch.Tensor], meta: dict[str, torch.Tensor]) -> None:
+        """Append rows: ``acts[site]`` is ``[rows, d]``, ``meta[name]`` ``[rows]`` for each META."""
         for site in self.sites:
             self.buffer[site].append(acts[site].to("cpu", self.dtype))
-        self.buffer["tokens"].append(tokens.to("cpu", torch.int32))
-        self.buffered += len(tokens)
+        for name in META:
+            self.buffer[name].append(meta[name].to("cpu", torch.int32))
+        self.buffered += len(meta["seq"])
         while self.buffered >= self.rows_per_shard:
             self._flush(self.rows_per_shard)
 
@@ -149,6 +160,10 @@ class ShardWriter:
             stats["count"] += rows
             stats["sum"] = (torch.tensor(stats["sum"], dtype=torch.float64) + x.sum(0)).tolist()
             stats["sum_sq_norm"] += x.square().sum().item()
+        last = tensors["seq"][-1].item()
+        seq, written = self.manifest["cursor"]
+        written = (written if seq == last else 0) + (tensors["seq"] == last).sum().item()
+        self.manifest["cursor"] = [last, written]
         entry = {"file": name, "rows": rows, "sha256": hashlib.sha256(data).hexdigest()}
         self.manifest["shards"].append(entry)
         self.manifest["total_rows"] += rows

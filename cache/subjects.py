@@ -2,13 +2,13 @@
 
 ``bytelm`` is the bundled default, ``bytelm-tiny`` a seconds-to-train variant for
 smoke tests; any other name is a Hugging Face model id or local path (extra ``hf``).
-Every subject yields ``[S, seq_len]`` token sequences that start with BOS, drawn
-from the Python standard library's source: train sequences from the train files in
-a seeded order, evaluation ("val") sequences from the held-out files.
+Every subject packs text (by default the Python standard library's source, train
+or held-out files) into ``[S, seq_len]`` token sequences that start with BOS.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,24 +16,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bytelm import BOS, ByteLM, ByteLMConfig, corpus, load_bytelm, split_files, windows
+from .bytelm import BOS, ByteLM, ByteLMConfig, load_bytelm
 from .capture import resolve_site
 from .errors import UserError
+from .text import Packed, documents, pack
 
 BYTELM_PRESETS = {
     "bytelm": ByteLMConfig(),
     "bytelm-tiny": ByteLMConfig(n_layer=2, d_model=64, n_head=2, steps=40, batch_size=16),
 }
-
-
-def pick_windows(n_data: int, seq_len: int, n_seqs: int, split: str, seed: int) -> torch.Tensor:
-    """Start offsets of ``n_seqs`` windows: non-overlapping in a seeded order (train, repeated
-    if the data runs out), or evenly spaced (val)."""
-    if split != "train":
-        return torch.linspace(0, n_data - seq_len, n_seqs).long()
-    starts = torch.arange(0, n_data - seq_len, seq_len - 1)
-    starts = starts[torch.randperm(len(starts), generator=torch.Generator().manual_seed(seed))]
-    return starts.repeat(-(-n_seqs // len(starts)))[:n_seqs]
 
 
 @dataclass
@@ -44,6 +35,7 @@ class Subject:
     key: str  # identifies the weights; part of every cache key
     d_model: int
     n_layers: int
+    bos: int  # token id that starts every sequence
 
     @property
     def default_site(self) -> str:
@@ -60,9 +52,19 @@ class Subject:
     def load(self, device: str) -> nn.Module:
         raise NotImplementedError
 
-    def sequences(self, split: str, tokens: int, seq_len: int, seed: int) -> torch.Tensor:
-        """``[S, seq_len]`` sequences holding at least ``tokens`` tokens after BOS."""
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
         raise NotImplementedError
+
+    def sequences(
+        self, split: str, tokens: int, seq_len: int, seed: int, text: str | None = None
+    ) -> Packed:
+        """Sequences holding at least ``tokens`` tokens after BOS, from ``text`` (default: the
+        stdlib files of ``split``); "val" sequences are evenly spaced over the whole source."""
+        docs = documents(text, split, seed if split == "train" else None)
+        n_seqs = -(-tokens // (seq_len - 1))
+        return pack(
+            docs, self.tokenize, self.bos, seq_len, n_seqs, seed, evenly_spaced=split != "train"
+        )
 
 
 @dataclass
@@ -75,10 +77,8 @@ class ByteLMSubject(Subject):
     def load(self, device: str) -> nn.Module:
         return load_bytelm(self.cfg, device)
 
-    def sequences(self, split: str, tokens: int, seq_len: int, seed: int) -> torch.Tensor:
-        data = corpus(split)
-        n_seqs = -(-tokens // (seq_len - 1))
-        return windows(data, seq_len, pick_windows(len(data), seq_len, n_seqs, split, seed), BOS)
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return [list(t.encode()) for t in texts]
 
 
 @dataclass
@@ -100,29 +100,17 @@ class HFSubject(Subject):
             raise UserError(f"cannot load model {self.name!r}: {e}") from e
         return model.to(device).eval()
 
-    def sequences(self, split: str, tokens: int, seq_len: int, seed: int) -> torch.Tensor:
+    @functools.cached_property
+    def tokenizer(self) -> object:
         from transformers import AutoTokenizer
 
         try:
-            tok = AutoTokenizer.from_pretrained(self.name)
+            return AutoTokenizer.from_pretrained(self.name)
         except OSError as e:
             raise UserError(f"cannot load the tokenizer of {self.name!r}: {e}") from e
-        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        if bos is None:
-            raise UserError(f"the tokenizer of {self.name!r} has neither a BOS nor an EOS token")
-        files = split_files(split)
-        if split == "train":  # tokenize files in a seeded order only until there is enough text
-            order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))
-            files = [files[i] for i in order]
-        ids: list[int] = []
-        for i in range(0, len(files), 16):
-            texts = [p.read_text(errors="replace") for p in files[i : i + 16]]
-            ids += [t for doc in tok(texts, add_special_tokens=False)["input_ids"] for t in doc]
-            if split == "train" and len(ids) > tokens + seq_len:
-                break
-        data = torch.tensor(ids, dtype=torch.long)
-        n_seqs = -(-tokens // (seq_len - 1))
-        return windows(data, seq_len, pick_windows(len(data), seq_len, n_seqs, split, seed), bos)
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def hf_subject(name: str) -> HFSubject:
@@ -144,12 +132,14 @@ def hf_subject(name: str) -> HFSubject:
             f"cannot load model {name!r} (bundled models: {', '.join(BYTELM_PRESETS)}): {e}"
         ) from e
     key = (
-        "hf-"
-        + re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-        + "-"
-        + str(getattr(config, "_commit_hash", None))
+        "hf-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + f"-{getattr(config, '_commit_hash', None)}"
     )
-    return HFSubject(source, key, config.hidden_size, config.num_hidden_layers, config)
+    subject = HFSubject(source, key, config.hidden_size, config.num_hidden_layers, -1, config)
+    tok = subject.tokenizer
+    subject.bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if subject.bos is None:
+        raise UserError(f"the tokenizer of {name!r} has neither a BOS nor an EOS token")
+    return subject
 
 
 def get_subject(name: str, seq_len: int) -> Subject:
@@ -159,4 +149,4 @@ def get_subject(name: str, seq_len: int) -> Subject:
     cfg = BYTELM_PRESETS[name]
     if seq_len > cfg.seq_len:
         raise UserError(f"--seq-len {seq_len} exceeds {name}'s context of {cfg.seq_len}")
-    return ByteLMSubject(name, cfg.key(), cfg.d_model, cfg.n_layer, cfg)
+    return ByteLMSubject(name, cfg.key(), cfg.d_model, cfg.n_layer, BOS, cfg)

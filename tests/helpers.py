@@ -5,14 +5,18 @@ import subprocess
 import sys
 
 
-def run_cli(module: str, *args: str, env_extra: dict | None = None, timeout: int = 300):
-    """Run ``python -m module args`` with the real (non-interpreted) CPU kernels, W&B offline."""
+def cli_env(**extra: str) -> dict:
+    """The environment of a CLI run: fast CPU kernels (no interpreter), W&B offline."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env_extra or {})})
+    return {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **extra}
+
+
+def run_cli(module: str, *args: str, env_extra: dict | None = None, timeout: int = 300):
+    """Run ``python -m module args`` as a user would; returns the CompletedProcess."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=cli_env(**(env_extra or {})),
         timeout=timeout,
     )

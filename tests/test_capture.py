@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from flashsae.cache.bytelm import BOS, ByteLM, ByteLMConfig, corpus, stdlib_files, windows
 from flashsae.cache.capture import build_cache, capture, resolve_site, splice
 from flashsae.cache.errors import UserError
 from flashsae.cache.shards import ShardWriter, load_shard
+from flashsae.cache.text import Packed
 
 CFG = ByteLMConfig(n_layer=3, d_model=32, n_head=2, seq_len=16)
 
@@ -72,22 +74,41 @@ def test_corpus_split_is_disjoint_and_real():
     assert (seqs[:, 0] == BOS).all() and seqs[1, 1:6].tolist() == val[5:10].tolist()
 
 
-def test_build_cache_resumes_exactly(tmp_path, monkeypatch):
+def test_build_cache_drops_rows_and_resumes_exactly(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = ByteLM(CFG).eval()
     seqs = torch.randint(0, 256, (40, 16))
     seqs[:, 0] = BOS
+    seqs[3, 5:9] = 7  # a "padding" token to drop
+    docs = torch.arange(40 * 16, dtype=torch.int32).view(40, 16) // 50
+    packed = Packed(seqs, docs)
     site = "blocks.1.hook_resid_post"
     settings = {"model": "t", "d": 32, "dtype": "float32"}
 
     def build(folder):
-        return build_cache(model, seqs, [site], folder, settings, batch_size=7, rows_per_shard=100)
+        return build_cache(
+            model,
+            packed,
+            [site],
+            folder,
+            settings,
+            batch_size=7,
+            rows_per_shard=100,
+            drop_tokens=(7,),
+        )
 
     whole = build(tmp_path / "whole")
+    keep = (seqs != 7) & (torch.arange(16) > 0)
+    with safe_open(tmp_path / "whole" / "shard-00000.safetensors", "pt") as fh:
+        first = {k: fh.get_tensor(k) for k in ("tokens", "doc", "pos", "seq")}
+    assert first["tokens"].tolist() == seqs[keep][:100].tolist()
+    assert first["doc"].tolist() == docs[keep][:100].tolist()
+    assert first["pos"][:15].tolist() == list(range(1, 16))
+    assert first["seq"][:16].tolist() == [0] * 15 + [1]
     rows = torch.cat([load_shard(tmp_path / "whole", e, site) for e in whole["shards"]])
-    torch.testing.assert_close(rows, capture(model, seqs, [site])[site][:, 1:].reshape(-1, 32))
+    torch.testing.assert_close(rows, capture(model, seqs, [site])[site][keep])
 
-    # killed while writing the third shard (mid-sequence: 200 rows = 13 sequences + 5 rows)
+    # killed while writing the third shard, mid-sequence
     flush = ShardWriter._flush
 
     def dies_on_third(self, n):

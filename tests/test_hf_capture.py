@@ -105,8 +105,15 @@ def save_tiny_gpt2_with_tokenizer(folder):
     tok = transformers.PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
     )
-    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=320, n_positions=64)
-    config.bos_token_id = config.eos_token_id = 0
+    config = transformers.GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        vocab_size=320,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tok.save_pretrained(folder)
 

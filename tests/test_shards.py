@@ -13,10 +13,15 @@ SETTINGS = {"model": "m", "sites": ["a", "b"], "d": 8, "dtype": "float32"}
 
 
 def rows(n, seed):
+    """n rows of two sites, from sequences of 10 rows each."""
     g = torch.Generator().manual_seed(seed)
-    return {"a": torch.randn(n, 8, generator=g), "b": torch.randn(n, 8, generator=g)}, torch.arange(
-        n
-    )
+    acts = {"a": torch.randn(n, 8, generator=g), "b": torch.randn(n, 8, generator=g)}
+    i = torch.arange(n)
+    return acts, {"tokens": i % 256, "doc": i // 30, "pos": i % 10 + 1, "seq": i // 10}
+
+
+def part(meta, lo, hi):
+    return {k: v[lo:hi] for k, v in meta.items()}
 
 
 def read_all(folder, site):
@@ -28,7 +33,7 @@ def test_shards_stats_and_resume(tmp_path):
     acts, toks = rows(250, 0)
     whole = ShardWriter(tmp_path / "whole", SETTINGS, rows_per_shard=64)
     for i in range(0, 250, 50):
-        whole.add({k: v[i : i + 50] for k, v in acts.items()}, toks[i : i + 50])
+        whole.add(part(acts, i, i + 50), part(toks, i, i + 50))
     manifest = whole.finish()
     assert [s["rows"] for s in manifest["shards"]] == [64, 64, 64, 58]
     torch.testing.assert_close(read_all(tmp_path / "whole", "a"), acts["a"])
@@ -37,12 +42,13 @@ def test_shards_stats_and_resume(tmp_path):
     assert abs(msn - acts["b"].square().sum(1).mean().item()) < 1e-4
 
     # interrupted after 150 rows: only the two complete shards survive
-    part = ShardWriter(tmp_path / "part", SETTINGS, rows_per_shard=64)
-    part.add({k: v[:150] for k, v in acts.items()}, toks[:150])
-    del part
+    crashed = ShardWriter(tmp_path / "part", SETTINGS, rows_per_shard=64)
+    crashed.add(part(acts, 0, 150), part(toks, 0, 150))
+    del crashed
     resumed = ShardWriter(tmp_path / "part", SETTINGS, rows_per_shard=64)
     assert resumed.rows_done == 128 and not resumed.complete
-    resumed.add({k: v[128:] for k, v in acts.items()}, toks[128:])
+    assert resumed.cursor == (12, 8)  # rows 120..127 of sequence 12 are on disk
+    resumed.add(part(acts, 128, 250), part(toks, 128, 250))
     resumed.finish()
     for site in ("a", "b"):
         torch.testing.assert_close(read_all(tmp_path / "part", site), acts[site])

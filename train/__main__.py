@@ -8,7 +8,6 @@ Pipeline: subject model (trained on first use if bundled) -> activation cache
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -17,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from flashsae.cache.bytelm import flashsae_home
-from flashsae.cache.capture import build_cache
+from flashsae.cache.build import build, cache_settings, default_cache_dir
 from flashsae.cache.errors import UserError
 from flashsae.cache.loader import ActivationLoader
 from flashsae.cache.shards import open_cache, site_stats
@@ -58,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and SAE init")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per captured sequence")
+    p.add_argument(
+        "--text", default=None, help="text file, directory, .jsonl or dataset (default: stdlib)"
+    )
     p.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens to evaluate on")
     p.add_argument("--dead-window", type=int, default=10_000_000, help="AuxK dead-latent window")
     return p.parse_args(argv)
@@ -89,11 +90,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--seq-len must be at least 2 (BOS plus one token)")
 
 
-def cache_dir_for(settings: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return flashsae_home() / "caches" / f"{settings['model_key']}-{digest}"
-
-
 def run(args: argparse.Namespace) -> dict:
     check_args(args)
     device = pick_device(args.device)
@@ -111,21 +107,10 @@ def run(args: argparse.Namespace) -> dict:
 
     model = subject.load(device)
     if args.cache is None:
-        settings = {
-            "model": args.model,
-            "model_key": subject.key,
-            "d": subject.d_model,
-            "dtype": "bfloat16",
-            "seq_len": args.seq_len,
-            "tokens": args.tokens,
-            "seed": args.seed,
-            "dataset": "python stdlib source, train split",
-            "tokenizer": "bytes + BOS",
-        }
-        cache = cache_dir_for({**settings, "sites": [site]})
-        seqs = subject.sequences("train", args.tokens, args.seq_len, args.seed)
+        settings = cache_settings(subject, [site], args.text, args.tokens, args.seq_len, args.seed)
+        cache = default_cache_dir(settings)
         print(f"activation cache: {cache}")
-        manifest = build_cache(model, seqs, [site], cache, settings)
+        manifest = build(subject, model, settings, cache)
     else:
         cache = args.cache
         if not cache.exists():
@@ -168,7 +153,7 @@ def run(args: argparse.Namespace) -> dict:
     summary = train_sae(sae, iter(loader), train_cfg, logger)
 
     sae.eval()
-    eval_seqs = subject.sequences("val", args.eval_tokens, args.seq_len, args.seed)
+    eval_seqs = subject.sequences("val", args.eval_tokens, args.seq_len, args.seed).tokens
     results, _ = evaluate(sae, model, eval_seqs.to(device))
     metrics = {k: results[k] for k in METRIC_KEYS} | summary
     save_sae(sae, out)

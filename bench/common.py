@@ -1,0 +1,80 @@
+"""Shared benchmark helpers: environment record, timing, device rates, JSON lines, tables."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+
+def require_cuda(script: str) -> None:
+    """Exit with a clear message unless a CUDA GPU is usable and the interpreter is off."""
+    if not torch.cuda.is_available():
+        sys.exit(f"{script}: needs a CUDA GPU (torch.cuda.is_available() is False); nothing run.")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit(f"{script}: unset TRITON_INTERPRET; interpreted timings mean nothing.")
+
+
+def environment() -> dict:
+    """Device name and versions recorded with every measurement."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": commit,
+    }
+
+
+def bench_ms(fn, rep: int) -> float:
+    """Median milliseconds of fn (do_bench: warm-up, L2 flushed before every call)."""
+    return triton.testing.do_bench(fn, warmup=max(25, rep // 4), rep=rep, return_mode="median")
+
+
+def peak_memory_gb(fn) -> float:
+    """Peak allocated GPU memory (GB) while running fn once."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 1e9
+
+
+def measure_bandwidth_gbs(rep: int) -> float:
+    """Device-memory bandwidth (GB/s) from a 1 GiB device-to-device copy (read + write)."""
+    src = torch.empty(1 << 28, device="cuda", dtype=torch.float32)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), rep)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def append_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """columns: (key, header, format spec); missing values print as '-'."""
+    cells = [[h for _, h, _ in columns]]
+    for row in rows:
+        cells.append([format(row[k], f) if row.get(k) is not None else "-" for k, _, f in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    for i, r in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))

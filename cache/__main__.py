@@ -1,0 +1,117 @@
+"""``python -m flashsae.cache {build,info,verify}``: build, describe and check activation caches."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .build import build, cache_settings
+from .errors import UserError
+from .shards import DTYPES, load_shard, read_manifest
+from .subjects import get_subject
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m flashsae.cache", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="capture activations into a sharded cache (resumable)")
+    b.add_argument("--model", default="bytelm", help="bytelm, bytelm-tiny, or a HF model id/path")
+    b.add_argument("--sites", required=True, help="comma-separated, e.g. blocks.1.hook_resid_post")
+    b.add_argument(
+        "--text", default=None, help="file, directory, .jsonl or dataset (default: stdlib)"
+    )
+    b.add_argument("--tokens", type=int, required=True, help="tokens to capture (after BOS)")
+    b.add_argument("--seq-len", type=int, default=128, help="tokens per sequence, BOS included")
+    b.add_argument("--out", type=Path, required=True, help="cache directory")
+    b.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="storage dtype")
+    b.add_argument("--shard-rows", type=int, default=65536, help="rows per shard")
+    b.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass")
+    b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    b.add_argument("--seed", type=int, default=0, help="seed of the sequence order")
+    b.add_argument("--drop-tokens", default="", help="comma-separated token ids not to cache")
+    for name, text in (("info", "describe a cache"), ("verify", "recompute every checksum")):
+        sub.add_parser(name, help=text).add_argument("dir", type=Path)
+    return p.parse_args(argv)
+
+
+def run_build(args: argparse.Namespace) -> None:
+    for flag in ("tokens", "shard_rows", "batch_size"):
+        if getattr(args, flag) <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be positive")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device} asked for, but no CUDA GPU is visible")
+    subject = get_subject(args.model, args.seq_len)
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    for site in sites:
+        subject.check_site(site)
+    try:
+        drop = tuple(int(t) for t in args.drop_tokens.split(",") if t.strip())
+    except ValueError as e:
+        raise UserError(f"--drop-tokens must be comma-separated integers: {e}") from e
+    settings = cache_settings(
+        subject, sites, args.text, args.tokens, args.seq_len, args.seed, args.dtype, drop
+    )
+    model = subject.load(args.device)
+    manifest = build(subject, model, settings, args.out, args.batch_size, args.shard_rows)
+    print(f"{args.out}: {manifest['total_rows']} rows in {len(manifest['shards'])} shards")
+
+
+def run_info(folder: Path) -> None:
+    m = read_manifest(folder)
+    s = m["settings"]
+    size = sum(
+        (folder / e["file"]).stat().st_size for e in m["shards"] if (folder / e["file"]).exists()
+    )
+    print(f"cache      {folder} ({'complete' if m['complete'] else 'UNFINISHED: rerun build'})")
+    print(f"model      {s['model']}  sites {', '.join(s['sites'])}  d {s['d']}  dtype {s['dtype']}")
+    print(f"text       {s.get('dataset')}  seq_len {s.get('seq_len')}  seed {s.get('seed')}")
+    print(f"rows       {m['total_rows']} in {len(m['shards'])} shards, {size / 2**20:.1f} MiB")
+    for site in s["sites"]:
+        st = m["stats"][site]
+        count = max(st["count"], 1)
+        mean_norm = torch.tensor(st["sum"]).div(count).norm().item()
+        print(f"{site}: |mean| {mean_norm:.4g}, E||x||² {st['sum_sq_norm'] / count:.4g}")
+
+
+def run_verify(folder: Path) -> int:
+    m = read_manifest(folder)
+    bad = []
+    for entry in tqdm(m["shards"], desc="verifying", unit="shard"):
+        try:
+            load_shard(folder, entry, m["settings"]["sites"][0], verify=True)
+        except UserError as e:
+            bad.append(str(e))
+    for line in bad:
+        print(f"error: {line}", file=sys.stderr)
+    if not m["complete"]:
+        print(f"error: {folder} is unfinished; rerun the build to complete it", file=sys.stderr)
+    ok = not bad and m["complete"]
+    print(json.dumps({"shards": len(m["shards"]), "bad": len(bad), "complete": m["complete"]}))
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "build":
+            run_build(args)
+        elif args.command == "info":
+            run_info(args.dir)
+        else:
+            return run_verify(args.dir)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

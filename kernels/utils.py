@@ -1,0 +1,63 @@
+"""Helpers shared by the kernel files: dispatch, autocast, input checks."""
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def is_interpreting() -> bool:
+    """True when the Triton interpreter is on (``TRITON_INTERPRET=1``), read at call time."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Dispatch rule: CUDA tensors run the Triton kernels, CPU tensors the torch reference,
+    unless the interpreter is on, in which case the Triton code runs on the CPU too."""
+    return t.is_cuda or is_interpreting()
+
+
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cast floating tensors to the autocast dtype when autocast is on for their device.
+
+    Custom autograd Functions bypass autocast; casting before ``apply`` keeps the casts in the
+    autograd graph, so fp32 master weights receive fp32 gradients.
+    """
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
+def check_tensor(
+    name: str,
+    t: torch.Tensor,
+    shape: tuple[int | None, ...],
+    dtypes: tuple[torch.dtype, ...],
+    layout: str,
+) -> None:
+    """Raise ValueError unless ``t`` is contiguous with ``shape`` (None: any size) and a dtype
+    in ``dtypes``; ``layout`` names the expected shape in the message, e.g. ``"[n, d]"``."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor {layout}, got {type(t).__name__}")
+    if t.dim() != len(shape) or any(
+        s is not None and s != ts for s, ts in zip(shape, t.shape, strict=False)
+    ):
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(dt).removeprefix("torch.") for dt in dtypes)
+        raise ValueError(
+            f"{name} must have dtype {names}, got {str(t.dtype).removeprefix('torch.')}"
+        )
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous())")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """Raise ValueError unless all tensors share one device."""
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"tensors must be on one device, got {listed}")

@@ -9,6 +9,7 @@ the next batches while the trainer works.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
 from .shards import load_shard, open_cache
 
 
@@ -46,11 +48,25 @@ class ActivationLoader:
     def rows(self) -> int:
         return self.manifest["total_rows"]
 
+    def _shard_order(self, epoch: int) -> tuple[list[int], torch.Generator]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(len(self.manifest["shards"]), generator=gen).tolist(), gen
+
+    def batches_per_epoch(self, epoch: int) -> int:
+        """How many batches ``epoch_batches(epoch)`` yields, from the manifest alone."""
+        order, _ = self._shard_order(epoch)
+        shards = self.manifest["shards"]
+        total = carry = 0
+        for i in range(0, len(order), self.buffer_shards):
+            rows = sum(shards[j]["rows"] for j in order[i : i + self.buffer_shards])
+            rows = carry + len(range(self.rank, rows, self.world_size))
+            total, carry = total + rows // self.batch_size, rows % self.batch_size
+        return total
+
     def epoch_batches(self, epoch: int) -> Iterator[torch.Tensor]:
         """The batches of one epoch, on the CPU (the last partial batch is dropped)."""
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order, gen = self._shard_order(epoch)
         shards = self.manifest["shards"]
-        order = torch.randperm(len(shards), generator=gen).tolist()
         carry = None
         for i in range(0, len(order), self.buffer_shards):
             parts = [
@@ -66,16 +82,25 @@ class ActivationLoader:
             carry = rows[full:]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        """Batches on ``device``, epoch after epoch, loaded ahead by a background thread."""
+        return self.batches()
+
+    def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
+        """Batches on ``device``, epoch after epoch, from the ``start``-th on (to resume),
+        loaded ahead by a background thread."""
+        if self.batches_per_epoch(0) == 0:
+            raise UserError(f"{self.folder} holds fewer rows than one batch of {self.batch_size}")
         pin = self.device.type == "cuda"
         q: queue.Queue = queue.Queue(maxsize=4)
         stop = threading.Event()
+        epoch = 0
+        while start >= self.batches_per_epoch(epoch):
+            start -= self.batches_per_epoch(epoch)
+            epoch += 1
 
-        def produce() -> None:
+        def produce(epoch: int, skip: int) -> None:
             try:
-                epoch = 0
                 while not stop.is_set():
-                    for batch in self.epoch_batches(epoch):
+                    for batch in itertools.islice(self.epoch_batches(epoch), skip, None):
                         batch = batch.pin_memory() if pin else batch.clone()
                         while not stop.is_set():
                             try:
@@ -85,11 +110,11 @@ class ActivationLoader:
                                 continue
                         if stop.is_set():
                             return
-                    epoch += 1
+                    epoch, skip = epoch + 1, 0
             except Exception as e:  # handed to the consumer, raised there
                 q.put(e)
 
-        thread = threading.Thread(target=produce, daemon=True)
+        thread = threading.Thread(target=produce, args=(epoch, start), daemon=True)
         thread.start()
         try:
             while True:

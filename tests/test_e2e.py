@@ -2,13 +2,14 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from flashsae.cache.shards import read_manifest
 from flashsae.cache.subjects import get_subject
-from flashsae.train.__main__ import METRIC_KEYS
-from flashsae.train.sae import load_sae
+from flashsae.train.checkpoint import load_sae
+from flashsae.train.metrics import METRIC_KEYS
 from tests.helpers import run_cli
 
 TINY = ["--model", "bytelm-tiny", "--tokens", "65536", "--batch-size", "1024"]
@@ -62,3 +63,27 @@ def test_pipeline_end_to_end(tmp_path):
     third = run_cli("flashsae.train", *TINY, "--cache", cache, "--out", str(tmp_path / "run3"))
     assert third.returncode == 0, third.stderr
     assert get_subject("bytelm-tiny", 128).d_model == cfg["d"]
+
+
+def test_eval_command_matches_the_training_run(tmp_path):
+    run = tmp_path / "runs" / "a"
+    trained = run_cli("flashsae.train", *TINY, "--out", str(run))
+    assert trained.returncode == 0, trained.stderr
+    result = run_cli("flashsae.train.eval", str(run), "--tokens", "4096")
+    assert result.returncode == 0, result.stderr
+    evaluated = json.loads((run / "eval.json").read_text())
+    logged = json.loads((run / "metrics.json").read_text())
+    assert list(evaluated) == METRIC_KEYS
+    for key in METRIC_KEYS:  # the saved (folded) checkpoint reproduces the in-training numbers
+        assert evaluated[key] == pytest.approx(logged[key], rel=1e-3, abs=1e-6), key
+    assert "| fvu |" in (run / "eval.md").read_text()
+    for png in (
+        run / "density.png",
+        run.parent / "frontier_fvu.png",
+        run.parent / "frontier_ce.png",
+    ):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = run_cli("flashsae.train", "--resume", str(run))
+    assert again.returncode == 2 and "finished run" in again.stderr
+    bad = run_cli("flashsae.train.eval", str(tmp_path / "nothing"))
+    assert bad.returncode == 2 and "no cfg.json" in bad.stderr

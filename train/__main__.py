@@ -20,17 +20,15 @@ from flashsae.cache.build import build, cache_settings, default_cache_dir
 from flashsae.cache.errors import UserError
 from flashsae.cache.loader import ActivationLoader
 from flashsae.cache.shards import open_cache, site_stats
-from flashsae.cache.subjects import get_subject
+from flashsae.cache.subjects import Subject, get_subject
 
-from .evaluate import evaluate
-from .sae import ARCHS, SAE_CLASSES, SAEConfig, save_sae
+from .checkpoint import SAE_CLASSES, save_sae
+from .eval import evaluate
+from .metrics import METRIC_KEYS
+from .plots import density_histogram
+from .sae import SAEConfig
 from .trainer import TrainConfig, train_sae
 from .wandb_log import RunLogger
-
-METRIC_KEYS = (
-    "l0 fvu explained_variance mse cosine l2_ratio gamma dead_frac dense_frac "
-    "ce_loss_recovered delta_lm_loss kl"
-).split()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--site", default=None, help="e.g. blocks.1.hook_resid_post (default: middle layer)"
     )
-    p.add_argument("--arch", default="topk", choices=ARCHS, help="SAE architecture")
+    p.add_argument("--arch", default="topk", choices=list(SAE_CLASSES), help="SAE architecture")
     p.add_argument(
         "--n-latents", type=int, default=None, help="dictionary size (default 16 x d_model)"
     )
@@ -51,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=2_000_000, help="training tokens")
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per SAE step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument(
+        "--sparsity-coeff", type=float, default=0.0, help="λ of the L1/L0 penalty (not TopK)"
+    )
     p.add_argument("--cache", type=Path, default=None, help="existing activation cache directory")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<name>)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -61,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens to evaluate on")
     p.add_argument("--dead-window", type=int, default=10_000_000, help="AuxK dead-latent window")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=100, help="steps between resumable saves"
+    )
+    p.add_argument("--resume", type=Path, default=None, help="continue the unfinished run in DIR")
     return p.parse_args(argv)
 
 
@@ -90,7 +95,39 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--seq-len must be at least 2 (BOS plus one token)")
 
 
+def resumed_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The arguments of the run being resumed (from its ``config.json``)."""
+    folder = args.resume
+    if not (folder / "train_state.pt").exists():
+        raise UserError(f"{folder} has no train_state.pt to resume from")
+    saved = json.loads((folder / "config.json").read_text())
+    saved = {k: Path(v) if k in ("cache", "out") and v else v for k, v in saved.items()}
+    return argparse.Namespace(**{**vars(args), **saved, "resume": folder, "out": folder})
+
+
+def prepare_cache(
+    args: argparse.Namespace, subject: Subject, model: torch.nn.Module, site: str
+) -> tuple[Path, dict]:
+    """The cache to train on: ``--cache``, or one built (or reused) for these settings."""
+    if args.cache is None:
+        settings = cache_settings(subject, [site], args.text, args.tokens, args.seq_len, args.seed)
+        cache = default_cache_dir(settings)
+        print(f"activation cache: {cache}")
+        return cache, build(subject, model, settings, cache)
+    if not args.cache.exists():
+        raise UserError(f"--cache {args.cache} does not exist; omit --cache to build one")
+    manifest = open_cache(args.cache, site)
+    if manifest["settings"]["d"] != subject.d_model:
+        raise UserError(
+            f"{args.cache} holds d={manifest['settings']['d']} activations; "
+            f"{args.model} has d_model={subject.d_model}"
+        )
+    return args.cache, manifest
+
+
 def run(args: argparse.Namespace) -> dict:
+    if args.resume is not None:
+        args = resumed_args(args)
     check_args(args)
     device = pick_device(args.device)
     subject = get_subject(args.model, args.seq_len)
@@ -100,27 +137,15 @@ def run(args: argparse.Namespace) -> dict:
     if args.k > n_latents:
         raise UserError(f"--k {args.k} is larger than the {n_latents} latents")
     name = f"{args.arch}-{args.model}-{site}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out = args.out or Path("runs") / name
+    out = args.out or Path("runs") / name.replace("/", "_")
     if (out / "metrics.json").exists():
         raise UserError(f"{out} already holds a finished run; choose another --out")
+    if args.resume is None and (out / "train_state.pt").exists():
+        raise UserError(f"{out} holds an unfinished run; continue it with --resume {out}")
     torch.manual_seed(args.seed)
 
     model = subject.load(device)
-    if args.cache is None:
-        settings = cache_settings(subject, [site], args.text, args.tokens, args.seq_len, args.seed)
-        cache = default_cache_dir(settings)
-        print(f"activation cache: {cache}")
-        manifest = build(subject, model, settings, cache)
-    else:
-        cache = args.cache
-        if not cache.exists():
-            raise UserError(f"--cache {cache} does not exist; omit --cache to build one")
-        manifest = open_cache(cache, site)
-        if manifest["settings"]["d"] != subject.d_model:
-            raise UserError(
-                f"{cache} holds d={manifest['settings']['d']} activations; "
-                f"{args.model} has d_model={subject.d_model}"
-            )
+    cache, manifest = prepare_cache(args, subject, model, site)
     mean, mean_sq_norm = site_stats(manifest, site)
     scale = math.sqrt(subject.d_model / mean_sq_norm)  # so that E||x||² = d
     sae_cfg = SAEConfig(
@@ -129,6 +154,7 @@ def run(args: argparse.Namespace) -> dict:
         n_latents=n_latents,
         k=args.k,
         k_aux=subject.d_model // 2,
+        sparsity_coeff=args.sparsity_coeff,
         site=site,
         model=args.model,
         input_scale=scale,
@@ -136,34 +162,35 @@ def run(args: argparse.Namespace) -> dict:
     sae = SAE_CLASSES[args.arch](sae_cfg).to(device)
     sae.init_b_dec((mean * scale).float().to(device))
     train_cfg = TrainConfig(
-        tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, dead_window=args.dead_window
+        tokens=args.tokens,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        dead_window=args.dead_window,
+        checkpoint_every=args.checkpoint_every,
     )
 
     out.mkdir(parents=True, exist_ok=True)
-    config = {
-        **vars(args),
-        "site": site,
-        "n_latents": n_latents,
-        "cache": str(cache),
-        "out": str(out),
-    }
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in config.items()}
+    config = {**vars(args), "site": site, "n_latents": n_latents, "cache": cache, "out": out}
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in config.items() if k != "resume"}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     logger = RunLogger(out, config, name)
     loader = ActivationLoader(cache, site, args.batch_size, seed=args.seed, device=device)
-    summary = train_sae(sae, iter(loader), train_cfg, logger)
+    summary = train_sae(sae, loader, train_cfg, logger, out / "train_state.pt")
 
     sae.eval()
     eval_seqs = subject.sequences("val", args.eval_tokens, args.seq_len, args.seed).tokens
-    results, _ = evaluate(sae, model, eval_seqs.to(device))
+    results, freqs = evaluate(sae, model, eval_seqs)
     metrics = {k: results[k] for k in METRIC_KEYS} | summary
     save_sae(sae, out)
+    density_histogram(freqs, out / "density.png")
     (out / "metrics.json.tmp").write_text(json.dumps(metrics, indent=2))
     (out / "metrics.json.tmp").replace(out / "metrics.json")
-    logger.log({f"metrics/{k}": v for k, v in results.items()}, step=summary["tokens"])
+    step = summary["tokens"]
+    logger.log({f"metrics/{k}": v for k, v in results.items()}, step=step)
+    logger.log_histogram("sparsity/log10_firing_freq", freqs.clamp_min(1e-10).log10().numpy(), step)
     logger.summary(metrics)
-    logger.log_artifact(
-        f"sae-{args.arch}", [out / "sae.safetensors", out / "cfg.json", out / "metrics.json"]
-    )
+    files = [out / "sae.safetensors", out / "cfg.json", out / "metrics.json"]
+    logger.log_artifact(f"sae-{args.arch}", files)
     logger.finish()
     print(json.dumps(metrics, indent=2))
     print(f"run saved to {out}")

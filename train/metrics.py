@@ -19,6 +19,10 @@ import torch
 import torch.nn.functional as F
 
 DENSE_THRESHOLD = 0.1
+METRIC_KEYS = (
+    "l0 fvu explained_variance mse cosine l2_ratio gamma dead_frac dense_frac "
+    "ce_loss_recovered delta_lm_loss kl"
+).split()  # the keys of metrics.json and eval.json
 
 
 class ReconstructionStats:

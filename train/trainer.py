@@ -1,19 +1,25 @@
-"""The SAE training loop: Adam, decoder-norm maintenance, dead-latent tracking, logging.
+"""The SAE training loop: Adam, decoder-norm maintenance, dead-latent tracking, logging, resume.
 
 A latent is dead when it has not fired in the last W tokens, W = ``dead_window``
-capped by the tokens seen so far; dead latents feed the AuxK loss.
+capped by the tokens seen so far; dead latents feed the AuxK loss. Every
+``checkpoint_every`` steps the whole training state (SAE, optimizer, step, dead-latent
+counters, RNG) goes to ``train_state.pt``; the loader position is the step, so a
+resumed run ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .sae import TopKSAE
+from flashsae.cache.loader import ActivationLoader
+
+from .sae import SAE
 from .wandb_log import RunLogger
 
 
@@ -22,58 +28,121 @@ class TrainConfig:
     tokens: int
     batch_size: int = 4096
     lr: float = 1e-3
-    decay_frac: float = 0.2  # lr decays linearly to 0 over this last fraction of steps
     dead_window: int = 10_000_000
     log_every: int = 25
+    checkpoint_every: int = 100  # steps between train_state.pt saves (0: never)
 
 
-def lr_at(step: int, steps: int, cfg: TrainConfig) -> float:
-    decay_start = int(steps * (1 - cfg.decay_frac))
-    if step < decay_start:
-        return cfg.lr
-    return cfg.lr * (steps - step) / max(steps - decay_start, 1)
+def lr_at(step: int, steps: int, lr: float, warmup_frac: float, decay_frac: float) -> float:
+    """Linear warm-up over the first ``warmup_frac`` of steps, constant, then linear decay to 0
+    over the last ``decay_frac``."""
+    warmup = max(int(steps * warmup_frac), 1)
+    decay_start = int(steps * (1 - decay_frac))
+    scale = min(1.0, (step + 1) / warmup)
+    if step >= decay_start:
+        scale = min(scale, (steps - step) / max(steps - decay_start, 1))
+    return lr * scale
+
+
+def save_state(
+    path: Path, step: int, sae: SAE, opt: torch.optim.Optimizer, last_fired: torch.Tensor
+) -> None:
+    """Write the training state atomically (tensors and plain containers only)."""
+    state = {
+        "step": step,
+        "sae": sae.state_dict(),
+        "opt": opt.state_dict(),
+        "last_fired": last_fired,
+        "rng": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def load_state(path: Path, sae: SAE, opt: torch.optim.Optimizer) -> tuple[int, torch.Tensor]:
+    """Restore a ``save_state`` file (``weights_only``: no code runs); (step, last_fired)."""
+    state = torch.load(path, map_location=sae.W_dec.device, weights_only=True)
+    sae.load_state_dict(state["sae"])
+    opt.load_state_dict(state["opt"])
+    torch.set_rng_state(state["rng"].cpu())
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+    return state["step"], state["last_fired"]
 
 
 def train_sae(
-    sae: TopKSAE, batches: Iterator[torch.Tensor], cfg: TrainConfig, logger: RunLogger
+    sae: SAE,
+    loader: ActivationLoader,
+    cfg: TrainConfig,
+    logger: RunLogger,
+    state_path: Path | None = None,
 ) -> dict[str, float]:
-    """Train ``sae`` on ``cfg.tokens`` rows of raw activations; returns a summary."""
+    """Train ``sae`` on ``cfg.tokens`` rows of raw activations; returns a summary.
+
+    With ``state_path``, training resumes from it when it exists and saves to it
+    every ``cfg.checkpoint_every`` steps.
+    """
     device = sae.W_dec.device
     steps = cfg.tokens // cfg.batch_size
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, fused=device.type == "cuda")
-    last_fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=device)
+    opt = torch.optim.Adam(
+        sae.parameters(), lr=cfg.lr, betas=sae.adam_betas, fused=device.type == "cuda"
+    )
+    first, last_fired = 0, torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=device)
+    if state_path is not None and state_path.exists():
+        first, last_fired = load_state(state_path, sae, opt)
+        print(f"resuming from {state_path} at step {first} of {steps}")
+    batches = loader.batches(start=first)
     scale = sae.cfg.input_scale
-    start = time.time()
-    bar = tqdm(total=steps * cfg.batch_size, desc="training SAE", unit="tok", unit_scale=True)
-    for step in range(steps):
+    start, t_log, step_log = time.time(), time.time(), first
+    bar = tqdm(
+        total=steps * cfg.batch_size,
+        initial=first * cfg.batch_size,
+        desc="training SAE",
+        unit="tok",
+        unit_scale=True,
+    )
+    for step in range(first, steps):
         seen = step * cfg.batch_size
         dead = (seen - last_fired >= min(cfg.dead_window, seen)) & (seen > 0)
         x = next(batches).float() * scale
-        lr = lr_at(step, steps, cfg)
+        lr = lr_at(step, steps, cfg.lr, sae.lr_warmup_frac, sae.lr_decay_frac)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss, parts, idx = sae.training_loss(x, dead)
+        loss, parts, fired = sae.training_loss(x, dead, step / steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.before_step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), sae.grad_clip or float("inf"))
         opt.step()
         sae.after_step()
-        last_fired[idx.flatten().long()] = seen + cfg.batch_size
+        last_fired.masked_fill_(fired, seen + cfg.batch_size)
         bar.update(cfg.batch_size)
-        if step % cfg.log_every == 0 or step == steps - 1:
-            elapsed = time.time() - start
+        done = step + 1
+        if state_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+            save_state(state_path, done, sae, opt, last_fired)
+        if step % cfg.log_every == 0 or done == steps:  # the only host syncs of the loop
+            now = time.time()
             record = {
                 "losses/loss": loss.item(),
-                "losses/mse": parts["mse"].item(),
-                "losses/aux": parts["aux"].item(),
+                **{f"losses/{k}": v.item() for k, v in parts.items()},
                 "sparsity/dead_frac": dead.float().mean().item(),
                 "details/lr": lr,
-                "details/tokens": seen + cfg.batch_size,
-                "perf/tokens_per_s": (seen + cfg.batch_size) / elapsed,
+                "details/sparsity_coeff": sae.cfg.sparsity_coeff,
+                "details/grad_norm": grad_norm.item(),
+                "details/tokens": done * cfg.batch_size,
+                "perf/tokens_per_s": (done - step_log) * cfg.batch_size / max(now - t_log, 1e-9),
+                "perf/step_ms": 1000 * (now - t_log) / max(done - step_log, 1),
             }
+            if device.type == "cuda":
+                record["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            t_log, step_log = now, done
             bar.set_postfix(
                 loss=f"{record['losses/loss']:.4f}", dead=f"{record['sparsity/dead_frac']:.3f}"
             )
-            logger.log(record, step=seen + cfg.batch_size)
+            logger.log(record, step=done * cfg.batch_size)
     bar.close()
+    if state_path is not None:
+        save_state(state_path, steps, sae, opt, last_fired)
     return {"tokens": steps * cfg.batch_size, "train_seconds": time.time() - start}

@@ -2,8 +2,10 @@
 
 Mode: ``WANDB_MODE`` when set (``disabled`` turns W&B off), else online when an API
 key is configured (``WANDB_API_KEY`` or a netrc entry for api.wandb.ai), else
-offline, in which case the ``wandb sync`` command is printed at the end.
-Steps are counted in tokens.
+offline, in which case the ``wandb sync`` command is printed at the end. Steps are
+counted in tokens; names are grouped as ``losses/*``, ``metrics/*``, ``sparsity/*``,
+``perf/*`` and ``details/*``. The run's id is kept in ``wandb_run.json`` so that a
+resumed run or a later evaluation logs to the same W&B entry.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import netrc
 import os
 from pathlib import Path
 
+import numpy as np
 import wandb
+
+RUN_FILE = "wandb_run.json"
 
 
 def has_api_key() -> bool:
@@ -29,28 +34,53 @@ def wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or ("online" if has_api_key() else "offline")
 
 
+def _init(out: Path, name: str | None, config: dict | None) -> wandb.sdk.wandb_run.Run | None:
+    """Start (or, when ``out/wandb_run.json`` exists, resume) the run of ``out``."""
+    mode = wandb_mode()
+    if mode == "disabled":
+        return None
+    saved = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).exists() else {}
+    run = wandb.init(
+        project=saved.get("project", os.environ.get("WANDB_PROJECT", "flashsae")),
+        id=saved.get("id"),
+        resume="allow" if saved else None,
+        name=name,
+        config=config,
+        dir=str(out),
+        mode=mode,
+    )
+    (out / RUN_FILE).write_text(json.dumps({"id": run.id, "project": run.project, "mode": mode}))
+    return run
+
+
+def _finish(run: wandb.sdk.wandb_run.Run | None) -> None:
+    if run is None:
+        return
+    run_dir = Path(run.dir).parent
+    offline = run.settings.mode == "offline"
+    run.finish()
+    if offline:
+        print(f"W&B offline run saved; upload it with: wandb sync {run_dir}")
+
+
 class RunLogger:
     """Logs dicts of scalars to W&B and appends them to ``out/metrics.jsonl``."""
 
-    def __init__(self, out: Path, config: dict, name: str, project: str = "flashsae") -> None:
+    def __init__(self, out: Path, config: dict, name: str) -> None:
         self.out = Path(out)
         self.mirror = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finish()
-        self.mode = wandb_mode()
-        self.run = None
-        if self.mode != "disabled":
-            self.run = wandb.init(
-                project=os.environ.get("WANDB_PROJECT", project),
-                name=name,
-                config=config,
-                dir=str(self.out),
-                mode=self.mode,
-            )
+        self.run = _init(self.out, name, config)
 
     def log(self, record: dict, step: int) -> None:
         self.mirror.write(json.dumps({"step": step, **record}) + "\n")
         self.mirror.flush()
         if self.run is not None:
             self.run.log(record, step=step)
+
+    def log_histogram(self, name: str, values: np.ndarray, step: int) -> None:
+        """A histogram (W&B only; the mirror gets nothing)."""
+        if self.run is not None:
+            self.run.log({name: wandb.Histogram(values)}, step=step)
 
     def summary(self, values: dict) -> None:
         if self.run is not None:
@@ -67,9 +97,18 @@ class RunLogger:
 
     def finish(self) -> None:
         self.mirror.close()
-        if self.run is None:
-            return
-        run_dir = Path(self.run.dir).parent
-        self.run.finish()
-        if self.mode == "offline":
-            print(f"W&B offline run saved; upload it with: wandb sync {run_dir}")
+        _finish(self.run)
+
+
+def resume_run(out: Path, record: dict, images: dict[str, Path], artifact: Path) -> None:
+    """Add an evaluation to the W&B entry of run ``out`` (if it has one): scalars to the
+    summary, PNGs as images, ``artifact`` as a model artifact."""
+    if not (out / RUN_FILE).exists() or wandb_mode() == "disabled":
+        return
+    run = _init(out, None, None)
+    run.summary.update(record)
+    run.log({f"eval/{k}": wandb.Image(str(p)) for k, p in images.items() if p.exists()})
+    art = wandb.Artifact(f"eval-{run.id}", type="model")
+    art.add_file(str(artifact))
+    run.log_artifact(art)
+    _finish(run)

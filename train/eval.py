@@ -1,0 +1,182 @@
+"""Evaluate an SAE on held-out activations and spliced back into its model at its site.
+
+``python -m flashsae.train.eval RUN_DIR [--cache DIR] [--model M] [--tokens N]`` writes
+``eval.json`` (the keys of ``metrics.json``), ``eval.md``, ``density.png`` and, for
+all runs beside RUN_DIR, ``frontier_fvu.png`` and ``frontier_ce.png`` in the parent
+folder; it logs them to the run's W&B entry when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from collections.abc import Iterable
+from functools import partial
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from flashsae.cache.capture import capture, splice
+from flashsae.cache.errors import UserError
+from flashsae.cache.loader import ActivationLoader
+from flashsae.cache.subjects import get_subject
+
+from .checkpoint import load_sae
+from .metrics import METRIC_KEYS, ReconstructionStats, SpliceStats
+from .sae import SAE
+
+
+def _replace_after(skip_first: int, new: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``h`` ``[B, T, d]`` with positions from ``skip_first`` on replaced by rows of ``new``."""
+    h = h.clone()
+    h[:, skip_first:] = new.reshape(h[:, skip_first:].shape).to(h.dtype)
+    return h
+
+
+def logits_of(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token logits ``[B, T, V]`` from a bundled model or a Hugging Face model."""
+    out = model(tokens)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def reconstruct(sae: SAE, x_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f, x̂) for raw activations, through the SAE's input scale."""
+    s = sae.cfg.input_scale
+    f = sae.encode(x_raw.float() * s)
+    return f, sae.decode(f) / s
+
+
+@torch.no_grad()
+def evaluate(
+    sae: SAE,
+    model: torch.nn.Module,
+    sequences: torch.Tensor,
+    batch_size: int = 32,
+    skip_first: int = 1,
+    metric_scale: float | None = None,
+    cache_batches: Iterable[torch.Tensor] | None = None,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Every metric of ``metrics.py``, and the latents' firing frequencies.
+
+    Reconstruction metrics use the activations at the SAE's site for ``sequences``
+    (or ``cache_batches`` of cached rows when given), multiplied by ``metric_scale``
+    (default: the SAE's input scale), i.e. in the run's normalized units. The language
+    model metrics splice x̂ (and zeros) in at the site. The first ``skip_first``
+    positions (BOS) are excluded everywhere and never spliced.
+    """
+    site = sae.cfg.site
+    m = sae.cfg.input_scale if metric_scale is None else metric_scale
+    device = sae.W_dec.device
+    rec = ReconstructionStats(sae.cfg.d, sae.cfg.n_latents)
+    lm = SpliceStats()
+    for x_raw in cache_batches or ():
+        f, x_hat = reconstruct(sae, x_raw.to(device))
+        rec.update(x_raw.float() * m, x_hat * m, f)
+    for batch in tqdm(sequences.split(batch_size), desc="evaluating", unit="batch"):
+        batch = batch.to(device)
+        h = capture(model, batch, [site])[site]
+        x_raw = h[:, skip_first:].reshape(-1, h.shape[-1]).float()
+        f, x_hat = reconstruct(sae, x_raw)
+        if cache_batches is None:
+            rec.update(x_raw * m, x_hat * m, f)
+        logits = {"clean": logits_of(model, batch)}
+        for name, new in (("sae", x_hat), ("zero", torch.zeros_like(x_hat))):
+            with splice(model, site, partial(_replace_after, skip_first, new)):
+                logits[name] = logits_of(model, batch)
+        # logits at position t predict token t + 1; positions before skip_first don't count
+        mask = torch.zeros(batch.shape[0], batch.shape[1] - 1, dtype=torch.bool, device=device)
+        mask[:, skip_first:] = True
+        lm.update(batch[:, 1:], {k: v[:, :-1] for k, v in logits.items()}, mask)
+    return {**rec.result(), **lm.result()}, rec.firing_frequencies()
+
+
+def report(run: Path, results: dict[str, float], cfg: dict) -> str:
+    """A short markdown report of one evaluation."""
+    lines = [
+        f"# {run.name}",
+        "",
+        f"{cfg['arch']} SAE, {cfg['n_latents']} latents on {cfg['d']}-dim `{cfg['site']}` "
+        f"of `{cfg['model']}`.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {results[k]:.4g} |" for k in METRIC_KEYS if k in results]
+    return "\n".join(lines) + "\n"
+
+
+def sibling_runs(parent: Path) -> list[dict]:
+    """Metrics of every run folder in ``parent`` (eval.json preferred), with its arch."""
+    runs = []
+    for cfg_path in sorted(parent.glob("*/cfg.json")):
+        for name in ("eval.json", "metrics.json"):
+            path = cfg_path.parent / name
+            if path.exists():
+                arch = json.loads(cfg_path.read_text()).get("arch", "?")
+                runs.append({**json.loads(path.read_text()), "arch": arch, "run": path.parent.name})
+                break
+    return runs
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m flashsae.train.eval", description=__doc__)
+    p.add_argument("run", type=Path, help="run directory holding sae.safetensors + cfg.json")
+    p.add_argument("--cache", type=Path, default=None, help="cached activations to evaluate on")
+    p.add_argument("--model", default=None, help="subject model (default: the run's)")
+    p.add_argument("--tokens", type=int, default=65536, help="held-out tokens")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    return p.parse_args(argv)
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    from .plots import density_histogram, frontier_plot
+    from .wandb_log import resume_run
+
+    if args.tokens <= 0:
+        raise UserError("--tokens must be positive")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device} asked for, but no CUDA GPU is visible")
+    sae = load_sae(args.run, args.device)
+    cfg = json.loads((args.run / "cfg.json").read_text())
+    subject = get_subject(args.model or sae.cfg.model, args.seq_len)
+    if subject.d_model != sae.cfg.d:
+        raise UserError(f"{subject.name} has d_model {subject.d_model}, the SAE d={sae.cfg.d}")
+    model = subject.load(args.device)
+    seqs = subject.sequences("val", args.tokens, args.seq_len, seed=0).tokens
+    cache_batches = None
+    if args.cache is not None:
+        loader = ActivationLoader(args.cache, sae.cfg.site, 4096, device=args.device)
+        n_batches = max(1, min(args.tokens, loader.rows) // 4096)
+        cache_batches = list(itertools.islice(loader.epoch_batches(0), n_batches))
+    scale = cfg.get("normalization", {}).get("scale", 1.0)
+    results, freqs = evaluate(sae, model, seqs, metric_scale=scale, cache_batches=cache_batches)
+    (args.run / "eval.json").write_text(json.dumps({k: results[k] for k in METRIC_KEYS}, indent=2))
+    (args.run / "eval.md").write_text(report(args.run, results, cfg))
+    images = {"density": args.run / "density.png"}
+    density_histogram(freqs, images["density"])
+    runs = sibling_runs(args.run.parent)
+    for y, name in (("fvu", "frontier_fvu"), ("ce_loss_recovered", "frontier_ce")):
+        images[name] = args.run.parent / f"{name}.png"
+        frontier_plot(runs, images[name], x="l0", y=y)
+    resume_run(
+        args.run, {f"eval/{k}": v for k, v in results.items()}, images, args.run / "eval.json"
+    )
+    print(report(args.run, results, cfg))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run_eval(parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

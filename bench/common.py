@@ -19,6 +19,19 @@ def require_cuda(script: str) -> None:
         sys.exit(f"{script}: unset TRITON_INTERPRET; interpreted timings mean nothing.")
 
 
+def device_name() -> str:
+    """The GPU's name, or the CPU model and core count where there is no GPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    model = "CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model} ({os.cpu_count()} cores)"
+
+
 def environment() -> dict:
     """Device name and versions recorded with every measurement."""
     try:
@@ -32,7 +45,7 @@ def environment() -> dict:
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     return {
-        "device": torch.cuda.get_device_name(),
+        "device": device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "commit": commit,

@@ -19,6 +19,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
+from flashsae.kernels.capture import compact_rows
+
 from .errors import UserError
 from .hf_layouts import hf_layout
 from .shards import ShardWriter
@@ -126,14 +128,6 @@ def capture(model: nn.Module, tokens: torch.Tensor, sites: list[str]) -> dict[st
     return out
 
 
-def check_finite(acts: dict[str, torch.Tensor]) -> None:
-    for site, x in acts.items():
-        if not torch.isfinite(x).all():
-            raise UserError(
-                f"non-finite activations (NaN/inf) at {site}; check the model and dtype"
-            )
-
-
 def keep_mask(
     tokens: torch.Tensor, drop_tokens: tuple[int, ...] = (), skip_first: int = 1
 ) -> torch.Tensor:
@@ -169,29 +163,42 @@ def build_cache(
     tokens, n_seqs, seq_len = packed.tokens, *packed.tokens.shape
     keep = keep_mask(tokens, drop_tokens)
     first_seq, written = writer.cursor
-    if written:  # sequence first_seq is partly on disk: drop its first `written` kept rows
-        keep[first_seq, keep[first_seq].nonzero()[:written, 0]] = False
+    keep[:first_seq] = False  # on disk already, and so are the first `written` rows of first_seq
+    keep[first_seq, keep[first_seq].nonzero()[:written, 0]] = False
     positions = torch.arange(seq_len, dtype=torch.int32).expand(n_seqs, seq_len)
     seq_ids = torch.arange(n_seqs, dtype=torch.int32)[:, None].expand(n_seqs, seq_len)
     bar = tqdm(
         total=n_seqs * seq_len,
-        initial=first_seq * seq_len,
+        initial=(first_seq - first_seq % batch_size) * seq_len,
         desc=f"capturing {', '.join(sites)}",
         unit="tok",
         unit_scale=True,
     )
-    for start in range(first_seq, n_seqs, batch_size):
+    # batches on the same grid as an uninterrupted build: identical arithmetic, identical cache
+    for start in range(first_seq - first_seq % batch_size, n_seqs, batch_size):
         rows = slice(start, start + batch_size)
         acts = capture(model, tokens[rows].to(device), sites)
-        check_finite(acts)
-        mask = keep[rows]
+        flat = {site: a.reshape(-1, a.shape[-1]) for site, a in acts.items()}
+        kept = keep[rows].reshape(-1).nonzero()[:, 0]
         meta = {
-            "tokens": tokens[rows][mask],
-            "doc": packed.doc[rows][mask],
-            "pos": positions[rows][mask],
-            "seq": seq_ids[rows][mask],
+            "tokens": tokens[rows].reshape(-1),
+            "doc": packed.doc[rows].reshape(-1),
+            "pos": positions[rows].reshape(-1),
+            "seq": seq_ids[rows].reshape(-1),
         }
-        writer.add({s: a[mask.to(a.device)] for s, a in acts.items()}, meta)
-        bar.update(mask.numel())
+        while len(kept):  # shard by shard, so the kernel's statistics split at the boundary
+            part, kept = kept[: writer.room], kept[writer.room :]
+            mask = torch.zeros(len(meta["seq"]), dtype=torch.bool)
+            mask[part] = True
+            compacted, stats = {}, {}
+            for site, h in flat.items():
+                compacted[site], total, sq = compact_rows(h, mask.to(h.device), writer.dtype)
+                if not (torch.isfinite(total).all() and torch.isfinite(sq)):
+                    raise UserError(
+                        f"non-finite activations (NaN/inf) at {site}; check the model and dtype"
+                    )
+                stats[site] = (total, sq)
+            writer.add(compacted, {k: v[part] for k, v in meta.items()}, stats)
+        bar.update(tokens[rows].numel())
     bar.close()
     return writer.finish()

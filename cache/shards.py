@@ -19,6 +19,8 @@ import errno
 import hashlib
 import json
 import os
+import queue
+import threading
 from pathlib import Path
 
 import torch
@@ -71,14 +73,24 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
+def row_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-dimension sum [d], sum of squared norms) of rows ``x``, in float64."""
+    x = x.double()
+    return x.sum(0), x.square().sum()
+
+
 class ShardWriter:
     """Buffers captured rows and writes fixed-size shards; resumes an unfinished cache.
 
     ``settings`` describe what the cache is (model, sites, d, dtype, data, ...). An
-    existing manifest with different settings is an error, never overwritten.
+    existing manifest with different settings is an error, never overwritten. Shards
+    are written by a background thread (at most ``queue_size`` waiting), so capturing
+    overlaps writing; an error there is raised by the next ``add`` or ``finish``.
     """
 
-    def __init__(self, folder: Path, settings: dict, rows_per_shard: int) -> None:
+    def __init__(
+        self, folder: Path, settings: dict, rows_per_shard: int, queue_size: int = 2
+    ) -> None:
         self.folder = Path(folder)
         self.sites: list[str] = list(settings["sites"])
         self.d: int = settings["d"]
@@ -86,6 +98,7 @@ class ShardWriter:
         self.rows_per_shard = rows_per_shard
         self.buffer: dict[str, list[torch.Tensor]] = {k: [] for k in [*self.sites, *META]}
         self.buffered = 0
+        self.pending = {site: row_stats(torch.zeros(0, self.d)) for site in self.sites}
         settings = {**settings, "rows_per_shard": rows_per_shard}
         if (self.folder / "manifest.json").exists():
             self.manifest = read_manifest(self.folder)
@@ -110,6 +123,11 @@ class ShardWriter:
                 "stats": stats,
             }
             self._save_manifest()
+        self.n_shards = len(self.manifest["shards"])  # including those queued for writing
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._write_loop, daemon=True)
+        self.thread.start()
 
     @property
     def rows_done(self) -> int:
@@ -126,40 +144,85 @@ class ShardWriter:
     def complete(self) -> bool:
         return self.manifest["complete"]
 
-    def add(self, acts: dict[str, torch.Tensor], meta: dict[str, torch.Tensor]) -> None:
-        """Append rows: ``acts[site]`` is ``[rows, d]``, ``meta[name]`` ``[rows]`` for each META."""
-        for site in self.sites:
-            self.buffer[site].append(acts[site].to("cpu", self.dtype))
-        for name in META:
-            self.buffer[name].append(meta[name].to("cpu", torch.int32))
-        self.buffered += len(meta["seq"])
-        while self.buffered >= self.rows_per_shard:
-            self._flush(self.rows_per_shard)
+    @property
+    def room(self) -> int:
+        """Rows that fit before the current shard is full."""
+        return self.rows_per_shard - self.buffered
+
+    def add(
+        self,
+        acts: dict[str, torch.Tensor],
+        meta: dict[str, torch.Tensor],
+        stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
+        """Append rows: ``acts[site]`` ``[rows, d]``, ``meta[name]`` ``[rows]`` for each META.
+
+        ``stats[site]`` may give ``row_stats`` of the rows before any cast (as the capture
+        kernel computes them) when they fit in ``room``; otherwise they are computed here.
+        """
+        n = len(meta["seq"])
+        start = 0
+        while start < n:
+            take = min(self.room, n - start)
+            part = slice(start, start + take)
+            for site in self.sites:
+                rows = acts[site][part]
+                total, sq = stats[site] if stats is not None and take == n else row_stats(rows)
+                self.pending[site] = (
+                    self.pending[site][0] + total.cpu(),
+                    self.pending[site][1] + sq.cpu(),
+                )
+                self.buffer[site].append(rows.to("cpu", self.dtype))
+            for name in META:
+                self.buffer[name].append(meta[name][part].to("cpu", torch.int32))
+            self.buffered += take
+            start += take
+            if self.buffered == self.rows_per_shard:
+                self._flush()
 
     def finish(self) -> dict:
-        """Write the last partial shard, mark the cache complete, return the manifest."""
+        """Write the last partial shard, wait for the writer, mark the cache complete."""
         if self.buffered:
-            self._flush(self.buffered)
+            self._flush()
+        self.queue.put(None)
+        self.thread.join()
+        self._raise_writer_error()
         self.manifest["complete"] = True
         self._save_manifest()
         return self.manifest
 
-    def _flush(self, rows: int) -> None:
-        tensors = {}
-        for key, parts in self.buffer.items():
-            joined = torch.cat(parts)
-            tensors[key] = joined[:rows].contiguous()
-            self.buffer[key] = [joined[rows:]]
-        self.buffered -= rows
+    def _flush(self) -> None:
+        self._raise_writer_error()
+        tensors = {key: torch.cat(parts) for key, parts in self.buffer.items()}
+        self.queue.put((shard_name(self.n_shards), tensors, self.pending))
+        self.n_shards += 1
+        self.buffer = {k: [] for k in self.buffer}
+        self.buffered = 0
+        self.pending = {site: row_stats(torch.zeros(0, self.d)) for site in self.sites}
+
+    def _raise_writer_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _write_loop(self) -> None:
+        """Background thread: write queued shards in order, then update the manifest."""
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self._write_shard(*item)
+                except BaseException as e:  # handed to the capturing thread
+                    self.error = e
+            self.queue.task_done()
+
+    def _write_shard(self, name: str, tensors: dict, pending: dict) -> None:
         data = save(tensors)
-        name = shard_name(len(self.manifest["shards"]))
         _write_atomic(self.folder / name, data)
-        for site in self.sites:
-            x = tensors[site].double()
+        rows = len(tensors["seq"])
+        for site, (total, sq) in pending.items():
             stats = self.manifest["stats"][site]
             stats["count"] += rows
-            stats["sum"] = (torch.tensor(stats["sum"], dtype=torch.float64) + x.sum(0)).tolist()
-            stats["sum_sq_norm"] += x.square().sum().item()
+            stats["sum"] = (torch.tensor(stats["sum"], dtype=torch.float64) + total).tolist()
+            stats["sum_sq_norm"] += sq.item()
         last = tensors["seq"][-1].item()
         seq, written = self.manifest["cursor"]
         written = (written if seq == last else 0) + (tensors["seq"] == last).sum().item()

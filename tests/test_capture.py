@@ -109,17 +109,17 @@ def test_build_cache_drops_rows_and_resumes_exactly(tmp_path, monkeypatch):
     torch.testing.assert_close(rows, capture(model, seqs, [site])[site][keep])
 
     # killed while writing the third shard, mid-sequence
-    flush = ShardWriter._flush
+    write = ShardWriter._write_shard
 
-    def dies_on_third(self, n):
-        if len(self.manifest["shards"]) == 2:
+    def dies_on_third(self, name, *args):
+        if name == "shard-00002.safetensors":
             raise KeyboardInterrupt
-        flush(self, n)
+        write(self, name, *args)
 
-    monkeypatch.setattr(ShardWriter, "_flush", dies_on_third)
+    monkeypatch.setattr(ShardWriter, "_write_shard", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
         build(tmp_path / "resumed")
-    monkeypatch.setattr(ShardWriter, "_flush", flush)
+    monkeypatch.setattr(ShardWriter, "_write_shard", write)
     assert not (tmp_path / "resumed" / "shard-00002.safetensors").exists()
     resumed = build(tmp_path / "resumed")
     assert resumed == whole  # same rows, checksums and statistics

@@ -44,7 +44,7 @@ def test_shards_stats_and_resume(tmp_path):
     # interrupted after 150 rows: only the two complete shards survive
     crashed = ShardWriter(tmp_path / "part", SETTINGS, rows_per_shard=64)
     crashed.add(part(acts, 0, 150), part(toks, 0, 150))
-    del crashed
+    crashed.queue.join()  # the shards handed to the writer thread are on disk; then it dies
     resumed = ShardWriter(tmp_path / "part", SETTINGS, rows_per_shard=64)
     assert resumed.rows_done == 128 and not resumed.complete
     assert resumed.cursor == (12, 8)  # rows 120..127 of sequence 12 are on disk
@@ -53,7 +53,8 @@ def test_shards_stats_and_resume(tmp_path):
     for site in ("a", "b"):
         torch.testing.assert_close(read_all(tmp_path / "part", site), acts[site])
     m2 = json.loads((tmp_path / "part" / "manifest.json").read_text())
-    assert m2["stats"] == manifest["stats"]
+    for site in ("a", "b"):  # the same sums, added in other chunks
+        torch.testing.assert_close(*(site_stats(m, site)[0] for m in (m2, manifest)))
 
 
 def test_different_settings_refused(tmp_path):

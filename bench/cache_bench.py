@@ -1,0 +1,181 @@
+"""Activation cache throughput: capture, shard writing and loading, each against its own floor.
+
+- capture: tokens/s of a cache build (forward to the site, compaction, cast, statistics,
+  background shard writing) over a bare forward pass stopped at the same layer, same
+  batches, same run. Goal: >= 0.95 of bare on a GPU, >= 0.90 on a CPU.
+- write: bytes/s of ShardWriter (safetensors, fsync, rename, manifest) over a raw
+  sequential write + fsync of the same bytes to the same disk. Goal: >= 0.8.
+- read: rows/s of the shuffling loader over a raw read of the same shard files (page
+  cache warm for both: each is read once before timing). Goal: >= 0.7.
+
+Runs on the CPU or a GPU (``--device``); prints a table and appends to
+bench/results/cache.jsonl.
+"""
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import append_jsonl, environment, print_table
+
+from flashsae.cache.build import cache_settings
+from flashsae.cache.capture import build_cache, capture
+from flashsae.cache.loader import ActivationLoader
+from flashsae.cache.shards import ShardWriter
+from flashsae.cache.subjects import get_subject
+
+RESULTS = Path(__file__).parent / "results" / "cache.jsonl"
+
+
+def best_of(fn, repeats: int) -> float:
+    """Fastest wall time (s) of ``repeats`` runs (after synchronizing a GPU)."""
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_capture(args: argparse.Namespace, work: Path) -> dict:
+    subject = get_subject(args.model, args.seq_len)
+    site = args.site or subject.default_site
+    model = subject.load(args.device)
+    packed = subject.sequences("train", args.tokens, args.seq_len, seed=0)
+    settings = cache_settings(subject, [site], None, args.tokens, args.seq_len, 0)
+    batches = packed.tokens.split(args.batch_size)
+
+    def bare() -> None:
+        with torch.no_grad():
+            for batch in batches:
+                capture(model, batch.to(args.device), [site])
+
+    def build() -> None:
+        shutil.rmtree(work / "capture", ignore_errors=True)
+        build_cache(model, packed, [site], work / "capture", settings, args.batch_size)
+
+    bare()  # warm-up
+    t_bare, t_build = best_of(bare, args.repeats), best_of(build, args.repeats)
+    tokens = packed.tokens.numel()
+    return {
+        "bench": "capture",
+        "shape": f"{args.model} {site} d={subject.d_model} tokens={tokens} batch={args.batch_size}",
+        "baseline": "bare forward to the site",
+        "value": tokens / t_build,
+        "unit": "tok/s",
+        "baseline_value": tokens / t_bare,
+        "ratio": t_bare / t_build,
+        "goal": 0.95 if args.device.startswith("cuda") else 0.90,
+    }
+
+
+def bench_write_read(args: argparse.Namespace, work: Path) -> list[dict]:
+    rows, d = args.rows, args.d
+    x = torch.randn(rows, d).to(torch.bfloat16)
+    meta = {k: torch.arange(rows, dtype=torch.int32) for k in ("tokens", "doc", "pos", "seq")}
+    settings = {"model": "bench", "sites": ["x"], "d": d, "dtype": "bfloat16"}
+
+    def write() -> None:
+        shutil.rmtree(work / "cache", ignore_errors=True)
+        writer = ShardWriter(work / "cache", settings, args.shard_rows)
+        for i in range(0, rows, 8192):
+            writer.add({"x": x[i : i + 8192]}, {k: v[i : i + 8192] for k, v in meta.items()})
+        writer.finish()
+
+    t_write = best_of(write, args.repeats)
+    files = sorted((work / "cache").glob("shard-*.safetensors"))
+    blobs = [f.read_bytes() for f in files]
+    n_bytes = sum(len(b) for b in blobs)
+
+    def raw_write() -> None:
+        for i, blob in enumerate(blobs):
+            with open(work / f"raw-{i}", "wb") as fh:
+                fh.write(blob)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    t_raw_write = best_of(raw_write, args.repeats)
+
+    def read() -> None:
+        loader = ActivationLoader(work / "cache", "x", 4096, device=args.device)
+        for batch in loader.epoch_batches(0):
+            batch.to(args.device)
+
+    def raw_read() -> None:
+        for f in files:
+            f.read_bytes()
+
+    read(), raw_read()  # warm the page cache for both
+    t_read, t_raw_read = best_of(read, args.repeats), best_of(raw_read, args.repeats)
+    shape = f"rows={rows} d={d} bf16 shard_rows={args.shard_rows} ({n_bytes / 2**20:.0f} MiB)"
+    return [
+        {
+            "bench": "write",
+            "shape": shape,
+            "baseline": "raw sequential write + fsync",
+            "value": n_bytes / t_write / 2**20,
+            "unit": "MiB/s",
+            "baseline_value": n_bytes / t_raw_write / 2**20,
+            "ratio": t_raw_write / t_write,
+            "goal": 0.8,
+        },
+        {
+            "bench": "read",
+            "shape": shape,
+            "baseline": "raw read of the shard files",
+            "value": rows / t_read,
+            "unit": "rows/s",
+            "baseline_value": rows / t_raw_read,
+            "ratio": t_raw_read / t_read,
+            "goal": 0.7,
+        },
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", default="bytelm")
+    p.add_argument("--site", default=None)
+    p.add_argument("--tokens", type=int, default=500_000)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--rows", type=int, default=1_000_000, help="rows for the write/read benchmark")
+    p.add_argument("--d", type=int, default=768)
+    p.add_argument("--shard-rows", type=int, default=65536)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dir", type=Path, default=None, help="scratch directory on the disk to test")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        results = [bench_capture(args, Path(tmp)), *bench_write_read(args, Path(tmp))]
+    env = environment()
+    for r in results:
+        r.update(env)
+    append_jsonl(RESULTS, results)
+    print(f"device: {env['device']}")
+    print_table(
+        results,
+        [
+            ("bench", "bench", "s"),
+            ("value", "flashsae", ",.0f"),
+            ("baseline_value", "baseline", ",.0f"),
+            ("unit", "unit", "s"),
+            ("ratio", "ratio", ".3f"),
+            ("goal", "goal", ".2f"),
+            ("shape", "shape", "s"),
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Text sources and packing into sequences."""
+
+import json
+
+import pytest
+import torch
+
+from flashsae.cache.errors import UserError
+from flashsae.cache.shards import FORMAT_VERSION, read_manifest
+from flashsae.cache.text import documents, pack
+
+
+def byte_tokens(texts):
+    return [list(t.encode()) for t in texts]
+
+
+def test_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("beta")
+    assert list(documents(str(tmp_path / "a.txt"))) == ["alpha"]
+    assert list(documents(str(tmp_path))) == ["alpha", "beta"]
+    assert sorted(documents(str(tmp_path), seed=3)) == ["alpha", "beta"]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(
+        json.dumps({"text": "one"}) + "\n\n" + json.dumps({"body": "two", "text": "2"}) + "\n"
+    )
+    assert list(documents(str(jsonl))) == ["one", "2"]
+    jsonl.write_text('{"body": "x"}\n')
+    with pytest.raises(UserError, match=r"d.jsonl:1 .* 'text' field"):
+        list(documents(str(jsonl)))
+    with pytest.raises(UserError, match="does not exist"):
+        list(documents(str(tmp_path / "missing.txt")))
+    stdlib = documents(None, "val")
+    assert "def " in next(stdlib)
+
+
+def test_pack_is_deterministic_and_tracks_documents():
+    docs = ["abcdefgh", "ijklmnop", "qrstuvwx"]
+    packed = pack(iter(docs), byte_tokens, bos=256, seq_len=5, n_seqs=6, seed=1)
+    assert packed.tokens.shape == (6, 5) and (packed.tokens[:, 0] == 256).all()
+    again = pack(iter(docs), byte_tokens, bos=256, seq_len=5, n_seqs=6, seed=1)
+    assert torch.equal(packed.tokens, again.tokens)
+    other = pack(iter(docs), byte_tokens, bos=256, seq_len=5, n_seqs=6, seed=2)
+    assert not torch.equal(packed.tokens, other.tokens)
+    stream = "".join(docs).encode()
+    for row, doc in zip(packed.tokens, packed.doc, strict=True):
+        body = bytes(row[1:].tolist())
+        start = stream.index(body)
+        assert start % 4 == 0  # non-overlapping windows
+        assert doc[1:].tolist() == [i // 8 for i in range(start, start + 4)] and doc[0] == -1
+    every = pack(iter(docs), byte_tokens, bos=256, seq_len=5, n_seqs=None, seed=0)
+    assert every.tokens.shape == (6, 5)
+    with pytest.raises(UserError, match="fewer than one sequence"):
+        pack(iter(["ab"]), byte_tokens, bos=256, seq_len=5, n_seqs=1, seed=0)
+
+
+def test_unknown_format_version(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(UserError, match="format version"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(UserError, match="not valid JSON"):
+        read_manifest(tmp_path)

@@ -144,9 +144,18 @@ def hf_subject(name: str) -> HFSubject:
 
 def get_subject(name: str, seq_len: int) -> Subject:
     """The subject model called ``name``; a UserError for one that does not exist."""
-    if name not in BYTELM_PRESETS:
-        return hf_subject(name)
-    cfg = BYTELM_PRESETS[name]
-    if seq_len > cfg.seq_len:
-        raise UserError(f"--seq-len {seq_len} exceeds {name}'s context of {cfg.seq_len}")
-    return ByteLMSubject(name, cfg.key(), cfg.d_model, cfg.n_layer, BOS, cfg)
+    if name in BYTELM_PRESETS:
+        cfg = BYTELM_PRESETS[name]
+        subject, context = (
+            ByteLMSubject(name, cfg.key(), cfg.d_model, cfg.n_layer, BOS, cfg),
+            cfg.seq_len,
+        )
+    else:
+        subject = hf_subject(name)
+        config = subject.config
+        context = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+    if context is not None and seq_len > context:
+        raise UserError(f"--seq-len {seq_len} exceeds {name}'s context of {context}")
+    return subject

@@ -132,5 +132,9 @@ def test_train_cli_on_a_local_hf_model(tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 0 < metrics["fvu"] < 1 and metrics["l0"] <= 8
-    bad = run_cli("flashsae.train", *args[:2], "--site", "blocks.5.hook_resid_post")
+    bad = run_cli(
+        "flashsae.train", *args[:2], "--seq-len", "64", "--site", "blocks.5.hook_resid_post"
+    )
     assert bad.returncode == 2 and "blocks 0..1" in bad.stderr
+    long = run_cli("flashsae.train", *args[:2], "--seq-len", "65")
+    assert long.returncode == 2 and "context of 64" in long.stderr

@@ -39,11 +39,12 @@ def density_histogram(freqs: torch.Tensor | Sequence[float], path: str | Path) -
     live = np.log10(f[f > 0])
     n_dead = int((f == 0).sum())
     fig, ax = plt.subplots(figsize=FIGSIZE)
+    left = live.min() - 1.0 if live.size else 0.0
     if live.size:
         ax.hist(live, bins=50, color="tab:blue", label=f"live ({live.size})")
-        left = live.min() - 1.0
     else:
-        left = -1.0
+        ax.set_xticks([left], ["dead"])
+        ax.set_xlim(left - 1, left + 1)
     ax.bar(left, n_dead, width=0.3, color="tab:red", label=f"dead ({n_dead})")
     ax.set_xlabel("log10 firing frequency (dead latents at the left)")
     ax.set_ylabel("latents")

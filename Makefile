@@ -31,8 +31,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# CPU-capable benchmarks always; kernel benchmarks where a GPU is visible.
 bench: $(STAMP)
+	$(PY) bench/cache_bench.py
+	$(PY) bench/ground_truth.py
+ifneq ($(HAS_GPU),)
 	$(PY) bench/topk_bench.py
+	$(PY) bench/arch_bench.py
+endif
 
 clean:
 	rm -rf $(VENV) runs

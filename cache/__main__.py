@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .build import build, cache_settings
-from .errors import UserError
+from .errors import UserError, report_errors
 from .shards import DTYPES, load_shard, read_manifest
 from .subjects import get_subject
 
@@ -97,20 +97,12 @@ def run_verify(folder: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        if args.command == "build":
-            run_build(args)
-        elif args.command == "info":
-            run_info(args.dir)
-        else:
-            return run_verify(args.dir)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    return 0
+    commands = {
+        "build": lambda: run_build(args),
+        "info": lambda: run_info(args.dir),
+        "verify": lambda: run_verify(args.dir),
+    }
+    return report_errors(commands[args.command])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from flashsae.cache.build import build, cache_settings, default_cache_dir
-from flashsae.cache.errors import UserError
+from flashsae.cache.errors import UserError, report_errors
 from flashsae.cache.loader import ActivationLoader
 from flashsae.cache.shards import open_cache, site_stats
 from flashsae.cache.subjects import Subject, get_subject
@@ -199,15 +199,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the cache", file=sys.stderr)
-        return 130
-    return 0
+    return report_errors(lambda: run(args))
 
 
 if __name__ == "__main__":

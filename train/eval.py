@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flashsae.cache.capture import capture, splice
-from flashsae.cache.errors import UserError
+from flashsae.cache.errors import UserError, report_errors
 from flashsae.cache.loader import ActivationLoader
 from flashsae.cache.subjects import get_subject
 
@@ -170,12 +170,8 @@ def run_eval(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run_eval(parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    args = parse_args(argv)
+    return report_errors(lambda: run_eval(args))
 
 
 if __name__ == "__main__":

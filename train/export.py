@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from flashsae.cache.errors import UserError
+from flashsae.cache.errors import UserError, report_errors
 
 from . import __version__
 from .checkpoint import load_sae
@@ -196,13 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context-size", type=int, default=None, help="sequence length trained on")
     p.add_argument("--dataset-path", default=None, help="dataset recorded in the metadata")
     args = p.parse_args(argv)
-    try:
-        export_saelens(args.run, args.out, args.context_size, args.dataset_path)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"SAELens checkpoint written to {args.out}")
-    return 0
+
+    def export() -> None:
+        out = export_saelens(args.run, args.out, args.context_size, args.dataset_path)
+        print(f"SAELens checkpoint written to {out}")
+
+    return report_errors(export)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .build import build, cache_settings
 from .errors import UserError, report_errors
 from .shards import DTYPES, load_shard, read_manifest
-from .subjects import get_subject
+from .subjects import get_subject, pick_device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     b.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="storage dtype")
     b.add_argument("--shard-rows", type=int, default=65536, help="rows per shard")
     b.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass")
-    b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     b.add_argument("--seed", type=int, default=0, help="seed of the sequence order")
     b.add_argument("--drop-tokens", default="", help="comma-separated token ids not to cache")
     for name, text in (("info", "describe a cache"), ("verify", "recompute every checksum")):
@@ -43,8 +43,7 @@ def run_build(args: argparse.Namespace) -> None:
     for flag in ("tokens", "shard_rows", "batch_size"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} asked for, but no CUDA GPU is visible")
+    args.device = pick_device(args.device)
     subject = get_subject(args.model, args.seq_len)
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     for site in sites:

@@ -113,6 +113,18 @@ class HFSubject(Subject):
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+def pick_device(name: str) -> str:
+    """The torch device for ``--device`` (auto: CUDA when visible); a UserError for a GPU that
+    is not there."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
+    return name
+
+
 def hf_subject(name: str) -> HFSubject:
     looks_like_path = name.startswith((".", "/", "~")) or Path(name).exists()
     if looks_like_path and not Path(name).expanduser().exists():

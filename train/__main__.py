@@ -20,7 +20,7 @@ from flashsae.cache.build import build, cache_settings, default_cache_dir
 from flashsae.cache.errors import UserError, report_errors
 from flashsae.cache.loader import ActivationLoader
 from flashsae.cache.shards import open_cache, site_stats
-from flashsae.cache.subjects import Subject, get_subject
+from flashsae.cache.subjects import Subject, get_subject, pick_device
 
 from .checkpoint import SAE_CLASSES, save_sae
 from .eval import evaluate
@@ -37,7 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Capture activations, train a sparse autoencoder, evaluate it, log to W&B.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="bytelm", help="subject model: bytelm or bytelm-tiny")
+    p.add_argument(
+        "--model",
+        default="bytelm",
+        help="bytelm, bytelm-tiny, or a Hugging Face model id or path (extra hf)",
+    )
     p.add_argument(
         "--site", default=None, help="e.g. blocks.1.hook_resid_post (default: middle layer)"
     )
@@ -67,16 +71,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--resume", type=Path, default=None, help="continue the unfinished run in DIR")
     return p.parse_args(argv)
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
-    return name
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from flashsae.cache.capture import capture, splice
 from flashsae.cache.errors import UserError, report_errors
 from flashsae.cache.loader import ActivationLoader
-from flashsae.cache.subjects import get_subject
+from flashsae.cache.subjects import get_subject, pick_device
 
 from .checkpoint import load_sae
 from .metrics import METRIC_KEYS, ReconstructionStats, SpliceStats
@@ -128,7 +128,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="subject model (default: the run's)")
     p.add_argument("--tokens", type=int, default=65536, help="held-out tokens")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return p.parse_args(argv)
 
 
@@ -138,8 +138,7 @@ def run_eval(args: argparse.Namespace) -> dict:
 
     if args.tokens <= 0:
         raise UserError("--tokens must be positive")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} asked for, but no CUDA GPU is visible")
+    args.device = pick_device(args.device)
     sae = load_sae(args.run, args.device)
     cfg = json.loads((args.run / "cfg.json").read_text())
     subject = get_subject(args.model or sae.cfg.model, args.seq_len)

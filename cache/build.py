@@ -54,12 +54,11 @@ def build(
     rows_per_shard: int = 65536,
 ) -> dict:
     """Capture ``settings["sites"]`` into ``out`` (resuming a partial cache); the manifest."""
-    packed = subject.sequences(
-        "train", settings["tokens"], settings["seq_len"], settings["seed"], settings["text"]
-    )
     return build_cache(
         model,
-        packed,
+        lambda: subject.sequences(
+            "train", settings["tokens"], settings["seq_len"], settings["seed"], settings["text"]
+        ),
         settings["sites"],
         out,
         settings,

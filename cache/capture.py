@@ -141,7 +141,7 @@ def keep_mask(
 
 def build_cache(
     model: nn.Module,
-    packed: Packed,
+    sequences: Packed | Callable[[], Packed],
     sites: list[str],
     out: Path,
     settings: dict,
@@ -150,6 +150,8 @@ def build_cache(
     drop_tokens: tuple[int, ...] = (),
 ) -> dict:
     """Capture ``sites`` over the packed sequences into the cache ``out``; returns its manifest.
+
+    ``sequences`` may be a function making them, called only when the cache is unfinished.
 
     Rows at BOS and at ``drop_tokens`` are dropped; each kept row is stored with its
     token id, document index, position and sequence index. Rows are written in sequence
@@ -160,6 +162,7 @@ def build_cache(
     writer = ShardWriter(out, {**settings, "sites": sites}, rows_per_shard)
     if writer.complete:
         return writer.manifest
+    packed = sequences() if callable(sequences) else sequences
     tokens, n_seqs, seq_len = packed.tokens, *packed.tokens.shape
     keep = keep_mask(tokens, drop_tokens)
     first_seq, written = writer.cursor

@@ -126,8 +126,7 @@ class ShardWriter:
         self.n_shards = len(self.manifest["shards"])  # including those queued for writing
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._write_loop, daemon=True)
-        self.thread.start()
+        self.thread: threading.Thread | None = None  # started by the first shard
 
     @property
     def rows_done(self) -> int:
@@ -184,9 +183,10 @@ class ShardWriter:
         """Write the last partial shard, wait for the writer, mark the cache complete."""
         if self.buffered:
             self._flush()
-        self.queue.put(None)
-        self.thread.join()
-        self._raise_writer_error()
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self._raise_writer_error()
         self.manifest["complete"] = True
         self._save_manifest()
         return self.manifest
@@ -194,6 +194,9 @@ class ShardWriter:
     def _flush(self) -> None:
         self._raise_writer_error()
         tensors = {key: torch.cat(parts) for key, parts in self.buffer.items()}
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._write_loop, daemon=True)
+            self.thread.start()
         self.queue.put((shard_name(self.n_shards), tensors, self.pending))
         self.n_shards += 1
         self.buffer = {k: [] for k in self.buffer}

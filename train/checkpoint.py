@@ -17,9 +17,20 @@ from safetensors.torch import load_file, save_file
 from flashsae.cache.errors import UserError
 
 from . import __version__
+from .batchtopk import BatchTopKSAE, MatryoshkaSAE
+from .gated import GatedSAE
+from .jumprelu import JumpReLUSAE
+from .relu import ReLUSAE
 from .sae import SAE, SAEConfig, TopKSAE
 
-SAE_CLASSES: dict[str, type[SAE]] = {"topk": TopKSAE}
+SAE_CLASSES: dict[str, type[SAE]] = {
+    "topk": TopKSAE,
+    "batchtopk": BatchTopKSAE,
+    "matryoshka": MatryoshkaSAE,
+    "relu": ReLUSAE,
+    "gated": GatedSAE,
+    "jumprelu": JumpReLUSAE,
+}
 
 
 def save_sae(sae: SAE, folder: Path) -> None:

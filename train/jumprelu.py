@@ -1,0 +1,85 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024b) with a learned threshold per latent.
+
+    z = x W_enc + b_enc,   f = z ⊙ H(z - θ),   x̂ = f W_dec + b_dec
+    Loss = ||x - x̂||² + λ Σ_i H(z_i - θ_i)   (mean over the batch, x normalized to E||x||² = d)
+
+θ learns only through the straight-through pseudo-derivatives of ``kernels.jumprelu``
+(rectangle kernel, bandwidth ε = 1e-3), z through the true gradients. Init: θ = 1e-3,
+W_enc = W_decᵀ, b_enc = 0; decoder rows unit-norm; Adam β = (0, 0.999) as in the paper; λ warms
+up over the first 5% of steps. Default λ = 0.2 (``DEFAULT_SPARSITY_COEFF``, used when the
+config's λ is 0): L0 ≈ 50 on the bundled model's default site (n = 2048, 1M tokens in batches
+of 1024, lr 1e-3).
+
+θ = exp(c · theta_param) with c = ``THRESHOLD_LR_SCALE``: positive, and, since Adam moves a
+parameter by about lr per step whatever its gradient's scale, log θ learns c times faster than
+the other parameters (a per-parameter learning rate through one optimizer). θ must climb from
+1e-3 to O(1) (Δ log θ ≈ 7): the papers train for ~10⁵ steps, but in 10³ steps at lr 1e-3 plain
+log θ moves by at most ~1, and the SAE stays dense (a pilot on the bundled model with plain log θ,
+256 steps, λ = 0.2: L0 ≈ 260, 46% of latents dense; with c = 16 and 1024 steps: L0 ≈ 47).
+Checkpoints hold ``threshold`` (as in SAELens); the input scale folds into W_enc alone, since
+z, and so θ, is unchanged (b_dec is not subtracted from x here).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from flashsae.kernels import jumprelu
+
+from .relu import warmed_up, with_default_coeff
+from .sae import SAE, SAEConfig
+
+THRESHOLD_INIT = 1e-3
+BANDWIDTH = 1e-3
+THRESHOLD_LR_SCALE = 16.0  # c in θ = exp(c · theta_param)
+
+
+def _threshold_from_checkpoint(module: nn.Module, state: dict, prefix: str, *_args: object) -> None:
+    """load_state_dict pre-hook: a checkpoint's ``threshold`` becomes ``theta_param``."""
+    if prefix + "threshold" in state:
+        state[prefix + "theta_param"] = state.pop(prefix + "threshold").log() / THRESHOLD_LR_SCALE
+
+
+class JumpReLUSAE(SAE):
+    DEFAULT_SPARSITY_COEFF = 0.2
+    adam_betas = (0.0, 0.999)
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(with_default_coeff(cfg, self.DEFAULT_SPARSITY_COEFF))
+        n = cfg.n_latents
+        self.W_enc = nn.Parameter(self.W_dec.detach().T.clone().contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        log_theta = math.log(THRESHOLD_INIT) / THRESHOLD_LR_SCALE
+        self.theta_param = nn.Parameter(torch.full((n,), log_theta))
+        self.register_load_state_dict_pre_hook(_threshold_from_checkpoint)
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return torch.exp(THRESHOLD_LR_SCALE * self.theta_param)
+
+    @torch.no_grad()
+    def folded(self) -> dict[str, torch.Tensor]:
+        """As ``SAE.folded``, with ``threshold`` = θ in place of ``theta_param`` (the state_dict
+        keeps the parameter itself, so that resumed training is exact)."""
+        out = super().folded()
+        out["threshold"] = torch.exp(THRESHOLD_LR_SCALE * out.pop("theta_param"))
+        return out
+
+    def encode_l0(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f [B, n], L0 count per row [B])."""
+        return jumprelu(x @ self.W_enc, self.b_enc, self.threshold, BANDWIDTH)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode_l0(x)[0]
+
+    def training_loss(
+        self, x: torch.Tensor, dead_mask: torch.Tensor, progress: float
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        f, l0 = self.encode_l0(x)
+        mse = (x - self.decode(f)).square().sum(1).mean()
+        l0 = l0.mean()
+        loss = mse + warmed_up(self.cfg.sparsity_coeff, progress) * l0
+        return loss, {"mse": mse.detach(), "l0": l0.detach()}, (f > 0).any(0)

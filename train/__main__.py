@@ -54,7 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per SAE step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument(
-        "--sparsity-coeff", type=float, default=0.0, help="λ of the L1/L0 penalty (not TopK)"
+        "--sparsity-coeff",
+        type=float,
+        default=0.0,
+        help="λ of the L1/L0 penalty; 0: the arch's default (relu 2, gated 2, jumprelu 0.2)",
     )
     p.add_argument("--cache", type=Path, default=None, help="existing activation cache directory")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<name>)")

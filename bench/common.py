@@ -91,3 +91,24 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def print_step_and_kernel_tables(
+    step_rows: list[dict], kernel_rows: list[dict], shape_header: str, kernel_title: str
+) -> None:
+    """The training-step table and, when there are kernel rows, the per-kernel table."""
+    print("\ntraining step (bf16 autocast, fp32 master weights, fused Adam)")
+    print_table(
+        step_rows,
+        [("shape", shape_header, "s"), ("variant", "variant", "s"), ("median_ms", "ms/step", ".2f"),
+         ("tokens_per_s", "tokens/s", ",.0f"), ("ratio_vs_baseline", "x dense", ".2f"),
+         ("measured_over_floor", "/floor", ".2f"), ("peak_mem_gb", "peak GB", ".1f")],
+    )  # fmt: skip
+    if kernel_rows:
+        print(f"\n{kernel_title}")
+        print_table(
+            kernel_rows,
+            [("shape", "shape", "s"), ("kernel", "kernel", "s"), ("median_ms", "ms", ".3f"),
+             ("torch_ms", "torch ms", ".3f"), ("ratio_vs_baseline", "x torch", ".2f"),
+             ("floor_ms", "floor ms", ".3f"), ("measured_over_floor", "/floor", ".2f")],
+        )  # fmt: skip

@@ -29,7 +29,7 @@ from common import (
     environment,
     measure_bandwidth_gbs,
     peak_memory_gb,
-    print_table,
+    print_step_and_kernel_tables,
     require_cuda,
 )
 
@@ -305,21 +305,9 @@ def main() -> None:
             append_jsonl(args.out, [{"bench": "topk_kernel", **meta, **r} for r in rows])
             kernel_rows += [{"shape": f"{d},{n},{k}", **r} for r in rows]
 
-    print("\ntraining step (bf16 autocast, fp32 master weights, fused Adam)")
-    print_table(
-        step_rows,
-        [("shape", "d,n,k", "s"), ("variant", "variant", "s"), ("median_ms", "ms/step", ".2f"),
-         ("tokens_per_s", "tokens/s", ",.0f"), ("ratio_vs_baseline", "x dense", ".2f"),
-         ("measured_over_floor", "/floor", ".2f"), ("peak_mem_gb", "peak GB", ".1f")],
-    )  # fmt: skip
-    if kernel_rows:
-        print("\nkernels (bf16; decoder-norm ops on fp32 master weights)")
-        print_table(
-            kernel_rows,
-            [("shape", "d,n,k", "s"), ("kernel", "kernel", "s"), ("median_ms", "ms", ".3f"),
-             ("torch_ms", "torch ms", ".3f"), ("ratio_vs_baseline", "x torch", ".2f"),
-             ("floor_ms", "floor ms", ".3f"), ("measured_over_floor", "/floor", ".2f")],
-        )  # fmt: skip
+    print_step_and_kernel_tables(
+        step_rows, kernel_rows, "d,n,k", "kernels (bf16; decoder-norm ops on fp32 master weights)"
+    )
     print(f"\nappended to {args.out}")
 
 

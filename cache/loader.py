@@ -87,15 +87,16 @@ class ActivationLoader:
     def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
         """Batches on ``device``, epoch after epoch, from the ``start``-th on (to resume),
         loaded ahead by a background thread."""
-        if self.batches_per_epoch(0) == 0:
+        epoch, per_epoch = 0, self.batches_per_epoch(0)
+        if per_epoch == 0:
             raise UserError(f"{self.folder} holds fewer rows than one batch of {self.batch_size}")
         pin = self.device.type == "cuda"
         q: queue.Queue = queue.Queue(maxsize=4)
         stop = threading.Event()
-        epoch = 0
-        while start >= self.batches_per_epoch(epoch):
-            start -= self.batches_per_epoch(epoch)
+        while start >= per_epoch:
+            start -= per_epoch
             epoch += 1
+            per_epoch = self.batches_per_epoch(epoch)
 
         def produce(epoch: int, skip: int) -> None:
             try:

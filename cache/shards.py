@@ -96,9 +96,7 @@ class ShardWriter:
         self.d: int = settings["d"]
         self.dtype = DTYPES[settings["dtype"]]
         self.rows_per_shard = rows_per_shard
-        self.buffer: dict[str, list[torch.Tensor]] = {k: [] for k in [*self.sites, *META]}
-        self.buffered = 0
-        self.pending = {site: row_stats(torch.zeros(0, self.d)) for site in self.sites}
+        self._start_shard()
         settings = {**settings, "rows_per_shard": rows_per_shard}
         if (self.folder / "manifest.json").exists():
             self.manifest = read_manifest(self.folder)
@@ -199,7 +197,11 @@ class ShardWriter:
             self.thread.start()
         self.queue.put((shard_name(self.n_shards), tensors, self.pending))
         self.n_shards += 1
-        self.buffer = {k: [] for k in self.buffer}
+        self._start_shard()
+
+    def _start_shard(self) -> None:
+        """Empty the buffer: its rows, and the statistics of those rows per site."""
+        self.buffer: dict[str, list[torch.Tensor]] = {k: [] for k in [*self.sites, *META]}
         self.buffered = 0
         self.pending = {site: row_stats(torch.zeros(0, self.d)) for site in self.sites}
 

@@ -27,11 +27,9 @@ import torch
 from common import (
     append_jsonl,
     bench_ms,
-    environment,
-    measure_bandwidth_gbs,
     peak_memory_gb,
     print_step_and_kernel_tables,
-    require_cuda,
+    start_gpu_bench,
 )
 
 from flashsae.kernels import gated, jumprelu
@@ -228,12 +226,7 @@ def main() -> None:
     parser.add_argument("--skip-kernels", action="store_true", help="only the training step")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON lines file to append to")
     args = parser.parse_args()
-    require_cuda("arch_bench.py")
-    shapes = [tuple(map(int, s.split(","))) for s in args.shape] if args.shape else SHAPES
-
-    env = environment()
-    bandwidth = measure_bandwidth_gbs(args.rep)
-    print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+    shapes, env, bandwidth = start_gpu_bench("arch_bench.py", args.shape, SHAPES, args.rep)
     print(f"copy bandwidth {bandwidth:.0f} GB/s, B = {args.batch}")
     step_rows, kernel_rows = [], []
     for arch in args.arch or list(ARCHS):

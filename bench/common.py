@@ -112,3 +112,16 @@ def print_step_and_kernel_tables(
              ("torch_ms", "torch ms", ".3f"), ("ratio_vs_baseline", "x torch", ".2f"),
              ("floor_ms", "floor ms", ".3f"), ("measured_over_floor", "/floor", ".2f")],
         )  # fmt: skip
+
+
+def start_gpu_bench(
+    script: str, shape_args: list[str] | None, default_shapes: list, rep: int
+) -> tuple:
+    """Check for a GPU, parse ``--shape`` values, record the environment and measure the copy
+    bandwidth; prints the header line. Returns (shapes, environment, bandwidth GB/s)."""
+    require_cuda(script)
+    shapes = [tuple(map(int, s.split(","))) for s in shape_args] if shape_args else default_shapes
+    env = environment()
+    bandwidth = measure_bandwidth_gbs(rep)
+    print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+    return shapes, env, bandwidth

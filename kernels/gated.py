@@ -22,12 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .jumprelu import column_splits
 from .utils import (
     FLOAT_DTYPES,
     autocast_inputs,
     check_same_device,
     check_tensor,
+    column_splits,
     is_interpreting,
     use_triton,
 )

@@ -28,6 +28,7 @@ from .utils import (
     autocast_inputs,
     check_same_device,
     check_tensor,
+    column_splits,
     is_interpreting,
     use_triton,
 )
@@ -116,17 +117,6 @@ def jumprelu_forward(
         pre, b_enc, threshold, f, l0, B, n, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps
     )
     return f, l0
-
-
-def column_splits(B: int, n: int, block_m: int, block_n: int, device: torch.device) -> int:
-    """Row splits for a column-reduction kernel: about 4 programs per SM (2 when interpreting),
-    at most one per BLOCK_M rows."""
-    col_blocks = triton.cdiv(n, block_n)
-    if is_interpreting():
-        target = 2 * col_blocks
-    else:
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(B, block_m), triton.cdiv(target, col_blocks)))
 
 
 def jumprelu_backward(

@@ -1,8 +1,9 @@
-"""Helpers shared by the kernel files: dispatch, autocast, input checks."""
+"""Helpers shared by the kernel files: dispatch, autocast, input checks, grid splits."""
 
 import os
 
 import torch
+import triton
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -61,3 +62,14 @@ def check_same_device(**tensors: torch.Tensor) -> None:
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
         raise ValueError(f"tensors must be on one device, got {listed}")
+
+
+def column_splits(B: int, n: int, block_m: int, block_n: int, device: torch.device) -> int:
+    """Row splits for a column-reduction kernel: about 4 programs per SM (2 when interpreting),
+    at most one per BLOCK_M rows."""
+    col_blocks = triton.cdiv(n, block_n)
+    if is_interpreting():
+        target = 2 * col_blocks
+    else:
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(B, block_m), triton.cdiv(target, col_blocks)))

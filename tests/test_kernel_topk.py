@@ -34,6 +34,17 @@ def _inputs(kind: str, B: int, n: int) -> torch.Tensor:
     return torch.randint(-2, 3, (B, n), device=DEVICE).float()  # heavy ties
 
 
+def run_and_check_topk(z, k):
+    """topk on poisoned outputs: a valid selection, and the exact scattered gradient."""
+    with poison_outputs():
+        values, indices = topk(z, k)
+    assert_valid_topk(z.detach(), k, values.detach(), indices)
+    g = torch.randn_like(values)
+    (grad,) = torch.autograd.grad(values, z, g)
+    torch.testing.assert_close(grad, expected_grad(z, values, indices, g), rtol=0, atol=0)
+    return values, indices, g, grad
+
+
 @pytest.mark.parametrize(
     "kind, B, n, k",
     [
@@ -46,13 +57,7 @@ def _inputs(kind: str, B: int, n: int) -> torch.Tensor:
 )
 def test_topk_forward_backward(kind, B, n, k):
     z = _inputs(kind, B, n).requires_grad_()
-    with poison_outputs():
-        values, indices = topk(z, k)
-    assert_valid_topk(z.detach(), k, values.detach(), indices)
-
-    g = torch.randn_like(values)
-    (grad,) = torch.autograd.grad(values, z, g)
-    torch.testing.assert_close(grad, expected_grad(z, values, indices, g), rtol=0, atol=0)
+    values, indices, g, grad = run_and_check_topk(z, k)
     if kind != "ties":  # a unique selection: the reference must agree exactly
         ref_values, ref_indices = topk_reference(z, k)
         (ref_grad,) = torch.autograd.grad(ref_values, z, g)
@@ -83,10 +88,4 @@ def test_topk_launcher_errors(z, k, match):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B, n, k", [(4096, 32768, 32), (1024, 131072, 64), (64, 3000, 3000)])
 def test_topk_gpu(dtype, B, n, k):
-    z = torch.randn(B, n, device="cuda", dtype=dtype, requires_grad=True)
-    with poison_outputs():
-        values, indices = topk(z, k)
-    assert_valid_topk(z.detach(), k, values.detach(), indices)
-    g = torch.randn_like(values)
-    (grad,) = torch.autograd.grad(values, z, g)
-    torch.testing.assert_close(grad, expected_grad(z, values, indices, g), rtol=0, atol=0)
+    run_and_check_topk(torch.randn(B, n, device="cuda", dtype=dtype, requires_grad=True), k)

@@ -18,7 +18,21 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .shards import load_shard, open_cache
+from .shards import DTYPES, load_shard, open_cache
+
+
+def _gather(
+    sources: list[torch.Tensor], starts: list[int], picks: torch.Tensor, pin: bool
+) -> torch.Tensor:
+    """Rows ``picks`` of ``torch.cat(sources)`` (``starts``: where each source begins), in
+    ascending order, copied from each source without concatenating them."""
+    picks = picks.sort().values
+    cuts = torch.searchsorted(picks, torch.tensor(starts)).tolist()
+    out = torch.empty(len(picks), sources[0].shape[1], dtype=sources[0].dtype, pin_memory=pin)
+    for src, start, lo, hi in zip(sources, starts, cuts, cuts[1:], strict=False):
+        if hi > lo:
+            torch.index_select(src, 0, picks[lo:hi] - start, out=out[lo:hi])
+    return out
 
 
 class ActivationLoader:
@@ -63,23 +77,30 @@ class ActivationLoader:
             total, carry = total + rows // self.batch_size, rows % self.batch_size
         return total
 
-    def epoch_batches(self, epoch: int) -> Iterator[torch.Tensor]:
-        """The batches of one epoch, on the CPU (the last partial batch is dropped)."""
+    def epoch_batches(self, epoch: int, pin: bool = False) -> Iterator[torch.Tensor]:
+        """The batches of one epoch, on the CPU (in pinned memory if ``pin``); rows left
+        over from one buffer start the next, and the last partial batch is dropped.
+
+        A buffer's rows are gathered straight from the memory-mapped shards, so each row
+        is copied once, into its batch.
+        """
         order, gen = self._shard_order(epoch)
         shards = self.manifest["shards"]
-        carry = None
+        settings = self.manifest["settings"]
+        carry = torch.empty(0, settings["d"], dtype=DTYPES[settings["dtype"]])
         for i in range(0, len(order), self.buffer_shards):
-            parts = [
+            sources = [carry] + [
                 load_shard(self.folder, shards[j], self.site)
                 for j in order[i : i + self.buffer_shards]
             ]
-            rows = torch.cat(parts)
-            rows = rows[torch.randperm(len(rows), generator=gen)][self.rank :: self.world_size]
-            if carry is not None:
-                rows = torch.cat([carry, rows])
-            full = len(rows) // self.batch_size * self.batch_size
-            yield from rows[:full].split(self.batch_size)
-            carry = rows[full:]
+            starts = [0, *itertools.accumulate(len(x) for x in sources)]
+            n_new = starts[-1] - len(carry)
+            picks = torch.randperm(n_new, generator=gen)[self.rank :: self.world_size]
+            picks = torch.cat([torch.arange(len(carry)), len(carry) + picks])
+            full = len(picks) // self.batch_size * self.batch_size
+            for b in range(0, full, self.batch_size):
+                yield _gather(sources, starts, picks[b : b + self.batch_size], pin)
+            carry = _gather(sources, starts, picks[full:], pin=False)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self.batches()
@@ -101,8 +122,7 @@ class ActivationLoader:
         def produce(epoch: int, skip: int) -> None:
             try:
                 while not stop.is_set():
-                    for batch in itertools.islice(self.epoch_batches(epoch), skip, None):
-                        batch = batch.pin_memory() if pin else batch.clone()
+                    for batch in itertools.islice(self.epoch_batches(epoch, pin), skip, None):
                         while not stop.is_set():
                             try:
                                 q.put(batch, timeout=0.1)

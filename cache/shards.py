@@ -4,7 +4,7 @@ A cache is a directory holding ``manifest.json`` and ``shard-00000.safetensors``
 Each shard holds one ``[rows, d]`` tensor per site (keyed by the site name) and, per
 row, the token id (``tokens``), the document index (``doc``), the position in its
 sequence (``pos``) and the sequence index (``seq``), all int32. A shard is written to
-a temporary name, flushed, fsynced and renamed, and only then added to the manifest
+a temporary name, fsynced and renamed (``shard_file.py``), and only then added to the manifest
 (itself replaced atomically), so a crash loses at most the shard in flight and a
 rerun resumes from the manifest's ``cursor``.
 
@@ -15,19 +15,15 @@ squared norm are exact for whatever is complete on disk.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
-import os
 import queue
 import threading
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 
 from .errors import UserError
+from .shard_file import file_sha256, map_shard, write_atomic, write_shard
 
 FORMAT_VERSION = 1
 META = ("tokens", "doc", "pos", "seq")  # int32 per-row columns stored beside the activations
@@ -36,24 +32,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise UserError(
-                f"disk full while writing {path}; free space and rerun to resume"
-            ) from e
-        raise UserError(f"cannot write {path}: {e.strerror}") from e
 
 
 def read_manifest(folder: Path) -> dict:
@@ -75,8 +53,7 @@ def read_manifest(folder: Path) -> dict:
 
 def row_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-dimension sum [d], sum of squared norms) of rows ``x``, in float64."""
-    x = x.double()
-    return x.sum(0), x.square().sum()
+    return x.sum(0, dtype=torch.float64), torch.linalg.vector_norm(x, dtype=torch.float64).square()
 
 
 class ShardWriter:
@@ -156,6 +133,8 @@ class ShardWriter:
 
         ``stats[site]`` may give ``row_stats`` of the rows before any cast (as the capture
         kernel computes them) when they fit in ``room``; otherwise they are computed here.
+        Rows already on the CPU in the storage dtype are kept, not copied, until their shard
+        is on disk: do not modify them after handing them in.
         """
         n = len(meta["seq"])
         start = 0
@@ -191,11 +170,10 @@ class ShardWriter:
 
     def _flush(self) -> None:
         self._raise_writer_error()
-        tensors = {key: torch.cat(parts) for key, parts in self.buffer.items()}
         if self.thread is None:
             self.thread = threading.Thread(target=self._write_loop, daemon=True)
             self.thread.start()
-        self.queue.put((shard_name(self.n_shards), tensors, self.pending))
+        self.queue.put((shard_name(self.n_shards), self.buffer, self.pending))
         self.n_shards += 1
         self._start_shard()
 
@@ -219,26 +197,26 @@ class ShardWriter:
                     self.error = e
             self.queue.task_done()
 
-    def _write_shard(self, name: str, tensors: dict, pending: dict) -> None:
-        data = save(tensors)
-        _write_atomic(self.folder / name, data)
-        rows = len(tensors["seq"])
+    def _write_shard(self, name: str, parts: dict, pending: dict) -> None:
+        sha256 = write_shard(self.folder / name, parts)
+        seqs = torch.cat(parts["seq"])
+        rows = len(seqs)
         for site, (total, sq) in pending.items():
             stats = self.manifest["stats"][site]
             stats["count"] += rows
             stats["sum"] = (torch.tensor(stats["sum"], dtype=torch.float64) + total).tolist()
             stats["sum_sq_norm"] += sq.item()
-        last = tensors["seq"][-1].item()
+        last = seqs[-1].item()
         seq, written = self.manifest["cursor"]
-        written = (written if seq == last else 0) + (tensors["seq"] == last).sum().item()
+        written = (written if seq == last else 0) + (seqs == last).sum().item()
         self.manifest["cursor"] = [last, written]
-        entry = {"file": name, "rows": rows, "sha256": hashlib.sha256(data).hexdigest()}
+        entry = {"file": name, "rows": rows, "sha256": sha256}
         self.manifest["shards"].append(entry)
         self.manifest["total_rows"] += rows
         self._save_manifest()
 
     def _save_manifest(self) -> None:
-        _write_atomic(self.folder / "manifest.json", json.dumps(self.manifest, indent=1).encode())
+        write_atomic(self.folder / "manifest.json", [json.dumps(self.manifest, indent=1).encode()])
 
 
 def site_stats(manifest: dict, site: str) -> tuple[torch.Tensor, float]:
@@ -261,17 +239,16 @@ def open_cache(folder: Path, site: str | None = None) -> dict:
 
 
 def load_shard(folder: Path, entry: dict, site: str, verify: bool = False) -> torch.Tensor:
-    """One shard's ``[rows, d]`` activations for ``site``; checks size (and checksum if asked)."""
+    """One shard's ``[rows, d]`` activations for ``site``, memory-mapped (rows are read when
+    used); checks the file's layout and row count, and its checksum if asked."""
     path = Path(folder) / entry["file"]
-    if verify:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if digest != entry["sha256"]:
-            raise UserError(f"{path} is corrupt (checksum mismatch); rebuild the cache")
     try:
-        with safe_open(path, framework="pt") as fh:
-            x = fh.get_tensor(site)
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path} is unreadable or truncated ({e}); rebuild the cache") from e
-    if x.shape[0] != entry["rows"]:
-        raise UserError(f"{path} has {x.shape[0]} rows, manifest says {entry['rows']}")
+        corrupt = verify and file_sha256(path) != entry["sha256"]
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}; rebuild the cache") from e
+    if corrupt:
+        raise UserError(f"{path} is corrupt (checksum mismatch); rebuild the cache")
+    x = map_shard(path).get(site)
+    if x is None or x.shape[0] != entry["rows"]:
+        raise UserError(f"{path} lacks {entry['rows']} rows of {site}; rebuild the cache")
     return x

@@ -75,8 +75,8 @@ def compact_rows_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain torch: the CPU path and the test oracle."""
     kept = h[keep]
-    x = kept.double()
-    return kept.to(dtype), x.sum(0), x.square().sum()
+    sq = torch.linalg.vector_norm(kept, dtype=torch.float64).square()
+    return kept.to(dtype), kept.sum(0, dtype=torch.float64), sq
 
 
 def compact_rows(

@@ -36,14 +36,16 @@ from flashsae.cache.subjects import get_subject
 RESULTS = Path(__file__).parent / "results" / "cache.jsonl"
 
 
-def paired(ours, baseline, repeats: int) -> tuple[float, float, float]:
+def paired(ours, baseline, repeats: int, reset=lambda: None) -> tuple[float, float, float]:
     """Median wall times (s) of ``ours`` and ``baseline`` and the median of their per-round
     ratio (baseline time / our time), over ``repeats`` rounds after a warm-up round. The two
-    alternate within a round, so drift on a noisy machine hits both alike."""
+    alternate within a round, so drift on a noisy machine hits both alike; ``reset`` runs,
+    untimed, before each."""
     rounds = []
     for _ in range(repeats + 1):
         times = []
         for fn in (ours, baseline):
+            reset()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -70,10 +72,12 @@ def bench_capture(args: argparse.Namespace, work: Path) -> dict:
                 capture(model, batch.to(args.device), [site])
 
     def build() -> None:
-        shutil.rmtree(work / "capture", ignore_errors=True)
         build_cache(model, packed, [site], work / "capture", settings, args.batch_size)
 
-    t_build, t_bare, ratio = paired(build, bare, args.repeats)
+    def reset() -> None:
+        shutil.rmtree(work / "capture", ignore_errors=True)
+
+    t_build, t_bare, ratio = paired(build, bare, args.repeats, reset)
     tokens = packed.tokens.numel()
     return {
         "bench": "capture",
@@ -97,12 +101,17 @@ def bench_write_read(args: argparse.Namespace, work: Path) -> list[dict]:
     stats = [{"x": row_stats(x[c])} for c in chunks]
 
     def write() -> None:
-        shutil.rmtree(work / "cache", ignore_errors=True)
         writer = ShardWriter(work / "cache", settings, args.shard_rows)
         for c, s in zip(chunks, stats, strict=True):
             writer.add({"x": x[c]}, {k: v[c] for k, v in meta.items()}, s)
         writer.finish()
 
+    def reset() -> None:  # both write new files: neither pays for deleting the last ones
+        shutil.rmtree(work / "cache", ignore_errors=True)
+        for f in work.glob("raw-*"):
+            f.unlink()
+
+    reset()
     write()
     files = sorted((work / "cache").glob("shard-*.safetensors"))
     blobs = [f.read_bytes() for f in files]
@@ -115,7 +124,8 @@ def bench_write_read(args: argparse.Namespace, work: Path) -> list[dict]:
                 fh.flush()
                 os.fsync(fh.fileno())
 
-    t_write, t_raw_write, write_ratio = paired(write, raw_write, args.repeats)
+    t_write, t_raw_write, write_ratio = paired(write, raw_write, args.repeats, reset)
+    write()  # the last reset deleted the cache that the read benchmark reads
 
     def read() -> None:
         loader = ActivationLoader(work / "cache", "x", 4096, device=args.device)
@@ -168,7 +178,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1_000_000, help="rows for the write/read benchmark")
     p.add_argument("--d", type=int, default=768)
     p.add_argument("--shard-rows", type=int, default=65536)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--dir", type=Path, default=None, help="scratch directory on the disk to test")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

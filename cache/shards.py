@@ -53,7 +53,8 @@ def read_manifest(folder: Path) -> dict:
 
 def row_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-dimension sum [d], sum of squared norms) of rows ``x``, in float64."""
-    return x.sum(0, dtype=torch.float64), torch.linalg.vector_norm(x, dtype=torch.float64).square()
+    x = x.float()
+    return x.sum(0).double(), torch.linalg.vector_norm(x, dim=1).double().square().sum()
 
 
 class ShardWriter:

@@ -73,10 +73,12 @@ def launch_compact_rows(
 def compact_rows_reference(
     h: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain torch: the CPU path and the test oracle."""
+    """Plain torch: the CPU path and the test oracle. Column sums and row norms in fp32
+    (torch reduces them pairwise), then fp64."""
     kept = h[keep]
-    sq = torch.linalg.vector_norm(kept, dtype=torch.float64).square()
-    return kept.to(dtype), kept.sum(0, dtype=torch.float64), sq
+    x = kept.float()
+    sq = torch.linalg.vector_norm(x, dim=1).double().square().sum()
+    return kept.to(dtype), x.sum(0).double(), sq
 
 
 def compact_rows(

@@ -15,10 +15,10 @@ TRAIN_ARGS := $(foreach v,$(FLAGS),$(if $($(v)),--$(subst _,-,$(shell echo $(v) 
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,hf]"
+	$(PY) -m pip install --quiet -e ".[dev,hf,datasets]"
 	touch $(STAMP)
 
 train: $(STAMP)

@@ -97,8 +97,7 @@ class ShardWriter:
                 "cursor": [0, 0],
                 "shards": [],
                 "stats": stats,
-            }
-            self._save_manifest()
+            }  # saved with the first shard: a build failing before it leaves no cache
         self.n_shards = len(self.manifest["shards"])  # including those queued for writing
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.error: BaseException | None = None

@@ -2,8 +2,8 @@
 
 A source is the Python standard library (the default; "train" or "val" files), a
 plain text file, a directory of text files (recursively, sorted), a ``.jsonl`` file
-whose records carry a text field, or a Hugging Face dataset name (needs the
-``datasets`` package and a reachable hub or local copy).
+whose records carry a text field, or a Hugging Face dataset (needs the ``datasets``
+package): a hub name, streamed, or a folder written by ``save_to_disk``.
 
 Packing concatenates the documents' tokens into one stream and cuts it into
 non-overlapping windows of ``seq_len - 1`` tokens, each prefixed with BOS. Windows
@@ -22,6 +22,8 @@ import torch
 
 from .bytelm import split_files
 from .errors import UserError
+
+SAVED_DATASET_FILES = ("dataset_dict.json", "state.json")  # what save_to_disk leaves
 
 
 def _read_files(files: list[Path], seed: int | None) -> Iterator[str]:
@@ -44,7 +46,9 @@ def documents(
         yield from _read_files(split_files(split), seed)
         return
     path = Path(source).expanduser()
-    if path.is_dir():
+    if path.is_dir() and any((path / f).exists() for f in SAVED_DATASET_FILES):
+        yield from _hf_dataset(str(path), text_field, saved=True)
+    elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
         if not files:
             raise UserError(f"--text directory {path} holds no files")
@@ -68,20 +72,32 @@ def documents(
         yield from _hf_dataset(source, text_field)
 
 
-def _hf_dataset(name: str, text_field: str) -> Iterator[str]:
+def _hf_dataset(source: str, text_field: str, saved: bool = False) -> Iterator[str]:
+    """The ``text_field`` of each record of a Hugging Face dataset's train split: a hub name
+    (streamed) or a folder written by ``save_to_disk``."""
     try:
         import datasets
     except ImportError as e:
         raise UserError(
-            f"--text {name!r} is neither a file nor a directory; Hugging Face datasets need "
-            "pip install datasets"
+            f"--text {source!r} is a Hugging Face dataset; reading it needs "
+            "pip install 'flashsae[datasets]'"
         ) from e
     try:
-        ds = datasets.load_dataset(name, split="train", streaming=True)
+        if saved:
+            ds = datasets.load_from_disk(source)
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise UserError(f"dataset {source} has no train split ({', '.join(ds)})")
+                ds = ds["train"]
+        else:
+            ds = datasets.load_dataset(source, split="train", streaming=True)
         for record in ds:
+            if text_field not in record:
+                fields = ", ".join(record)
+                raise UserError(f"dataset {source} has no {text_field!r} field ({fields})")
             yield record[text_field]
-    except (OSError, ValueError, ConnectionError, KeyError) as e:
-        raise UserError(f"cannot read dataset {name!r}: {e}") from e
+    except (OSError, ValueError, ConnectionError) as e:
+        raise UserError(f"cannot read dataset {source!r}: {e}") from e
 
 
 @dataclass

@@ -128,3 +128,12 @@ def test_build_from_jsonl_dropping_tokens(tmp_path):
         tokens, pos = fh.get_tensor("tokens"), fh.get_tensor("pos")
     assert 32 not in tokens.tolist() and 256 not in tokens.tolist() and pos.min() >= 1
     assert m["total_rows"] < 32 * 63  # spaces dropped from 32 sequences of 63 tokens
+
+
+def test_unreachable_hub_dataset_is_one_clear_error(tmp_path):
+    pytest.importorskip("datasets")
+    args = [*BUILD, "--tokens", "500", "--text", "someone/no-such-corpus"]
+    out = ["--out", str(tmp_path / "c")]
+    result = run_cli("flashsae.cache", *args, *out, env_extra={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "cannot read dataset" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -58,7 +58,9 @@ def test_shards_stats_and_resume(tmp_path):
 
 
 def test_different_settings_refused(tmp_path):
-    ShardWriter(tmp_path, SETTINGS, rows_per_shard=64)
+    ShardWriter(tmp_path, {**SETTINGS, "d": 16}, rows_per_shard=64)
+    assert not (tmp_path / "manifest.json").exists()  # nothing written, nothing to refuse
+    ShardWriter(tmp_path, SETTINGS, rows_per_shard=64).finish()
     with pytest.raises(UserError, match="different settings"):
         ShardWriter(tmp_path, {**SETTINGS, "d": 16}, rows_per_shard=64)
 

@@ -62,3 +62,34 @@ def test_unknown_format_version(tmp_path):
     (tmp_path / "manifest.json").write_text("{")
     with pytest.raises(UserError, match="not valid JSON"):
         read_manifest(tmp_path)
+
+
+def test_saved_hugging_face_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")  # installed by make setup (extra "datasets")
+    texts = [f"document {i}" for i in range(5)]
+    datasets.Dataset.from_dict({"text": texts, "id": list(range(5))}).save_to_disk(tmp_path / "one")
+    assert list(documents(str(tmp_path / "one"))) == texts
+    splits = datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"body": texts}),
+        test=datasets.Dataset.from_dict({"body": ["held out"]}),
+    )
+    splits.save_to_disk(tmp_path / "two")
+    assert list(documents(str(tmp_path / "two"), text_field="body")) == texts
+    with pytest.raises(UserError, match=r"no 'text' field \(body\)"):
+        list(documents(str(tmp_path / "two")))
+    datasets.DatasetDict(test=splits["test"]).save_to_disk(tmp_path / "three")
+    with pytest.raises(UserError, match="no train split"):
+        list(documents(str(tmp_path / "three")))
+
+
+def test_hub_dataset_names_are_streamed(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def load_dataset(name, **kwargs):  # the hub is out of reach here: serve a local one
+        calls.append((name, kwargs))
+        return datasets.Dataset.from_dict({"text": ["a", "b"]}).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert list(documents("someone/corpus")) == ["a", "b"]
+    assert calls == [("someone/corpus", {"split": "train", "streaming": True})]

@@ -8,6 +8,8 @@
   statistics are handed in precomputed, as the capture kernel does in a build.
 - read: rows/s of the shuffling loader over a raw read of the same shard files into one
   reused buffer (page cache warm for both after the warm-up round). Goal: >= 0.7.
+- feed: rows/s of the loader as the trainer uses it (prefetch thread, pinned memory, on
+  the device) over rows/s the TopK trainer consumes at d=768 (--d). Goal: > 1, on a GPU.
 
 Each pair is timed alternately over ``--repeats`` rounds after a warm-up round; the table
 shows median throughputs and the median per-round ratio.
@@ -32,6 +34,8 @@ from flashsae.cache.capture import build_cache, capture
 from flashsae.cache.loader import ActivationLoader
 from flashsae.cache.shards import ShardWriter, row_stats
 from flashsae.cache.subjects import get_subject
+from flashsae.train.sae import SAEConfig, TopKSAE
+from flashsae.train.trainer import TrainConfig, train_sae
 
 RESULTS = Path(__file__).parent / "results" / "cache.jsonl"
 
@@ -165,6 +169,53 @@ def bench_write_read(args: argparse.Namespace, work: Path) -> list[dict]:
     ]
 
 
+class _OneBatch:
+    """A stand-in loader that hands the trainer the same device batch forever."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def batches(self, start: int = 0):
+        while True:
+            yield self.x
+
+
+class _NoLog:
+    def log(self, record: dict, step: int) -> None:
+        pass
+
+
+def bench_feed(args: argparse.Namespace, work: Path) -> dict:
+    """Rows/s the loader delivers on the device (prefetch thread, pinned memory) against
+    rows/s the TopK trainer consumes at the same d (16·d latents, k 32, AuxK, batch 4096)."""
+    d, batch, steps = args.d, 4096, args.feed_steps
+    sae = TopKSAE(SAEConfig("topk", d, 16 * d, k=32, k_aux=512)).to(args.device)
+    x = torch.randn(batch, d, device=args.device).to(torch.bfloat16)
+    cfg = TrainConfig(tokens=(steps + 1) * batch, batch_size=batch, log_every=10**9)
+
+    def train() -> None:
+        train_sae(sae, _OneBatch(x), cfg, _NoLog())
+
+    loader = ActivationLoader(work / "cache", "x", batch, device=args.device)
+
+    def load() -> None:
+        batches = loader.batches()
+        for _ in range(steps + 1):
+            next(batches)
+
+    t_load, t_train, ratio = paired(load, train, max(1, args.repeats // 3))
+    return {
+        "bench": "feed",
+        "shape": f"TopK d={d} n={16 * d} k=32 batch={batch}, {steps + 1} steps",
+        "baseline": "rows/s the TopK trainer consumes",
+        "value": (steps + 1) * batch / t_load,
+        "unit": "rows/s",
+        "baseline_value": (steps + 1) * batch / t_train,
+        "ratio": ratio,
+        "goal": 1.0,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -178,11 +229,17 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1_000_000, help="rows for the write/read benchmark")
     p.add_argument("--d", type=int, default=768)
     p.add_argument("--shard-rows", type=int, default=65536)
+    p.add_argument(
+        "--feed-steps", type=int, default=None, help="trainer steps timed (default 100, 3 on CPU)"
+    )
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--dir", type=Path, default=None, help="scratch directory on the disk to test")
     args = p.parse_args()
+    if args.feed_steps is None:
+        args.feed_steps = 100 if args.device.startswith("cuda") else 3
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        results = [bench_capture(args, Path(tmp)), *bench_write_read(args, Path(tmp))]
+        work = Path(tmp)
+        results = [bench_capture(args, work), *bench_write_read(args, work), bench_feed(args, work)]
     env = environment()
     for r in results:
         r.update(env)

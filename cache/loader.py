@@ -3,8 +3,10 @@
 Each epoch visits the shards in a seeded random order, ``buffer_shards`` at a
 time; the rows of a buffer are shuffled together and dealt out to ranks
 (rank r takes rows r, r + world_size, ...), so the ranks of one epoch read
-disjoint rows that together cover every row once. A background thread loads
-the next batches while the trainer works.
+disjoint rows that together cover every row once. Shards are memory-mapped and
+each batch is gathered straight from the maps (into pinned memory when the
+target is a GPU), so a row is copied once on its way to the device. A
+background thread loads the next batches while the trainer works.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     b.add_argument(
         "--text", default=None, help="file, directory, .jsonl or dataset (default: stdlib)"
     )
+    b.add_argument("--text-field", default="text", help="the text field of .jsonl and datasets")
     b.add_argument("--tokens", type=int, required=True, help="tokens to capture (after BOS)")
     b.add_argument("--seq-len", type=int, default=128, help="tokens per sequence, BOS included")
     b.add_argument("--out", type=Path, required=True, help="cache directory")
@@ -53,7 +54,15 @@ def run_build(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise UserError(f"--drop-tokens must be comma-separated integers: {e}") from e
     settings = cache_settings(
-        subject, sites, args.text, args.tokens, args.seq_len, args.seed, args.dtype, drop
+        subject,
+        sites,
+        args.text,
+        args.tokens,
+        args.seq_len,
+        args.seed,
+        args.dtype,
+        drop,
+        text_field=args.text_field,
     )
     model = subject.load(args.device)
     manifest = build(subject, model, settings, args.out, args.batch_size, args.shard_rows)

@@ -20,8 +20,11 @@ def cache_settings(
     seed: int,
     dtype: str = "bfloat16",
     drop_tokens: tuple[int, ...] = (),
+    text_field: str = "text",
 ) -> dict:
-    """What identifies a cache: equal settings give identical contents."""
+    """What identifies a cache: equal settings give identical contents. ``text_field`` is
+    recorded only when it is not "text", so caches built before it existed still match."""
+    field = {} if text_field == "text" else {"text_field": text_field}
     return {
         "model": subject.name,
         "model_key": subject.key,
@@ -36,6 +39,7 @@ def cache_settings(
         "tokenizer": subject.name if subject.key.startswith("hf-") else "bytes + BOS",
         "bos": subject.bos,
         "drop_tokens": list(drop_tokens),
+        **field,
     }
 
 
@@ -57,7 +61,12 @@ def build(
     return build_cache(
         model,
         lambda: subject.sequences(
-            "train", settings["tokens"], settings["seq_len"], settings["seed"], settings["text"]
+            "train",
+            settings["tokens"],
+            settings["seq_len"],
+            settings["seed"],
+            settings["text"],
+            settings.get("text_field", "text"),
         ),
         settings["sites"],
         out,

@@ -56,11 +56,18 @@ class Subject:
         raise NotImplementedError
 
     def sequences(
-        self, split: str, tokens: int, seq_len: int, seed: int, text: str | None = None
+        self,
+        split: str,
+        tokens: int,
+        seq_len: int,
+        seed: int,
+        text: str | None = None,
+        text_field: str = "text",
     ) -> Packed:
         """Sequences holding at least ``tokens`` tokens after BOS, from ``text`` (default: the
-        stdlib files of ``split``); "val" sequences are evenly spaced over the whole source."""
-        docs = documents(text, split, seed if split == "train" else None)
+        stdlib files of ``split``; records' ``text_field`` for JSONL and datasets); "val"
+        sequences are evenly spaced over the whole source."""
+        docs = documents(text, split, seed if split == "train" else None, text_field)
         n_seqs = -(-tokens // (seq_len - 1))
         return pack(
             docs, self.tokenize, self.bos, seq_len, n_seqs, seed, evenly_spaced=split != "train"

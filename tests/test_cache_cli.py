@@ -113,17 +113,18 @@ def test_bad_input(tmp_path):
         shards.read_manifest(tmp_path)
 
 
-def test_build_from_jsonl_dropping_tokens(tmp_path):
+def test_build_from_jsonl_field_dropping_tokens(tmp_path):
     from safetensors import safe_open
 
-    docs = [{"text": f"document {i}: " + "lorem ipsum dolor sit amet " * 20} for i in range(30)]
+    docs = [{"body": f"document {i}: " + "lorem ipsum dolor sit amet " * 20} for i in range(30)]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
     out = tmp_path / "c"
     args = [*BUILD, "--tokens", "2000", "--text", str(tmp_path / "d.jsonl"), "--drop-tokens", "32"]
-    result = run_cli("flashsae.cache", *args, "--out", str(out))
+    result = run_cli("flashsae.cache", *args, "--text-field", "body", "--out", str(out))
     assert result.returncode == 0, result.stderr
     m = manifest(out)
     assert m["settings"]["dataset"].endswith("d.jsonl") and m["settings"]["drop_tokens"] == [32]
+    assert m["settings"]["text_field"] == "body"
     with safe_open(out / m["shards"][0]["file"], "pt") as fh:
         tokens, pos = fh.get_tensor("tokens"), fh.get_tensor("pos")
     assert 32 not in tokens.tolist() and 256 not in tokens.tolist() and pos.min() >= 1

@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--text", default=None, help="text file, directory, .jsonl or dataset (default: stdlib)"
     )
+    p.add_argument("--text-field", default="text", help="the text field of .jsonl and datasets")
     p.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens to evaluate on")
     p.add_argument("--dead-window", type=int, default=10_000_000, help="AuxK dead-latent window")
     p.add_argument(
@@ -107,7 +108,15 @@ def prepare_cache(
 ) -> tuple[Path, dict]:
     """The cache to train on: ``--cache``, or one built (or reused) for these settings."""
     if args.cache is None:
-        settings = cache_settings(subject, [site], args.text, args.tokens, args.seq_len, args.seed)
+        settings = cache_settings(
+            subject,
+            [site],
+            args.text,
+            args.tokens,
+            args.seq_len,
+            args.seed,
+            text_field=args.text_field,
+        )
         cache = default_cache_dir(settings)
         print(f"activation cache: {cache}")
         return cache, build(subject, model, settings, cache)

@@ -3,10 +3,10 @@
 A cache is a directory holding ``manifest.json`` and ``shard-00000.safetensors``, ...
 Each shard holds one ``[rows, d]`` tensor per site (keyed by the site name) and, per
 row, the token id (``tokens``), the document index (``doc``), the position in its
-sequence (``pos``) and the sequence index (``seq``), all int32. A shard is written to
-a temporary name, fsynced and renamed (``shard_file.py``), and only then added to the manifest
-(itself replaced atomically), so a crash loses at most the shard in flight and a
-rerun resumes from the manifest's ``cursor``.
+sequence (``pos``) and the sequence index (``seq``), all int32. A shard is streamed
+to a temporary name, fsynced and renamed (``shard_file.py``), and only then added to
+the manifest (itself replaced atomically), so a crash loses at most the shard in
+flight and a rerun resumes from the manifest's ``cursor``.
 
 The manifest's ``stats`` hold running sums over the listed shards (row count,
 per-dimension sum, sum of squared norms, float64), so the mean and the mean

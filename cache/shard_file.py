@@ -65,12 +65,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, chunks: list[memoryview | bytes]) -> str:
+def write_atomic(path: Path, chunks: list[memoryview | bytes]) -> None:
     """Write ``chunks`` to ``path`` via a temporary file, fsync and rename (then fsync the
-    directory); returns the sha256 of the bytes, computed while they are written."""
-    digest = hashlib.sha256()
-    hasher = threading.Thread(target=lambda: [digest.update(c) for c in chunks])
-    hasher.start()
+    directory)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb", buffering=0) as fh:
@@ -86,21 +83,26 @@ def write_atomic(path: Path, chunks: list[memoryview | bytes]) -> str:
                 f"disk full while writing {path}; free space and rerun to resume"
             ) from e
         raise UserError(f"cannot write {path}: {e.strerror}") from e
-    finally:
-        hasher.join()
-    return digest.hexdigest()
 
 
 def write_shard(path: Path, tensors: dict[str, list[torch.Tensor]]) -> str:
     """Write the concatenation of each name's parts (same dtype and trailing shape) as a
-    safetensors file at ``path``, atomically; returns the file's sha256."""
+    safetensors file at ``path``, atomically; returns the file's sha256, computed by a
+    second thread while the bytes are written."""
     header, names = _header(tensors)
     chunks = [memoryview(header)]
     for name in names:
         for p in tensors[name]:
             if p.numel():
                 chunks.append(memoryview(p.contiguous().reshape(-1).view(torch.uint8).numpy()))
-    return write_atomic(path, chunks)
+    digest = hashlib.sha256()
+    hasher = threading.Thread(target=lambda: [digest.update(c) for c in chunks])
+    hasher.start()
+    try:
+        write_atomic(path, chunks)
+    finally:
+        hasher.join()
+    return digest.hexdigest()
 
 
 def file_sha256(path: Path) -> str:
@@ -144,15 +146,14 @@ def map_shard(path: Path) -> dict[str, torch.Tensor]:
             shape = [int(s) for s in info["shape"]]
             if begin != end or stop - begin != int(np.prod(shape)) * dtype.itemsize:
                 raise bad(f"{name} has offsets {begin}..{stop} for shape {shape}")
-            layout.append((name, dtype, shape, begin))
+            layout.append((name, dtype, shape, begin, stop))
             end = stop
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise bad(f"malformed header: {e!r}") from e
     if 8 + n + end != size:
         raise bad(f"{size} bytes where the header describes {8 + n + end}")
     out = {}
-    for name, dtype, shape, begin in layout:
-        count = int(np.prod(shape)) * dtype.itemsize
-        flat = np.frombuffer(buf, dtype=np.uint8, count=count, offset=8 + n + begin)
+    for name, dtype, shape, begin, stop in layout:
+        flat = np.frombuffer(buf, dtype=np.uint8, count=stop - begin, offset=8 + n + begin)
         out[name] = torch.from_numpy(flat).view(dtype).view(shape)
     return out

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from flashsae.kernels.capture import row_stats
+
 from .errors import UserError
 from .shard_file import file_sha256, map_shard, write_atomic, write_shard
 
@@ -49,12 +51,6 @@ def read_manifest(folder: Path) -> dict:
             f"this flashsae reads version {FORMAT_VERSION}"
         )
     return manifest
-
-
-def row_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-dimension sum [d], sum of squared norms) of rows ``x``, in float64."""
-    x = x.float()
-    return x.sum(0).double(), torch.linalg.vector_norm(x, dim=1).double().square().sum()
 
 
 class ShardWriter:

@@ -70,15 +70,19 @@ def launch_compact_rows(
     return out, psum.double().sum(0), psq.double().sum()
 
 
+def row_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_t x_t [d], Σ_t ||x_t||²) in fp64, from column sums and row norms in fp32 (torch
+    reduces them pairwise)."""
+    x = x.float()
+    return x.sum(0).double(), torch.linalg.vector_norm(x, dim=1).double().square().sum()
+
+
 def compact_rows_reference(
     h: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain torch: the CPU path and the test oracle. Column sums and row norms in fp32
-    (torch reduces them pairwise), then fp64."""
+    """Plain torch: the CPU path and the test oracle."""
     kept = h[keep]
-    x = kept.float()
-    sq = torch.linalg.vector_norm(x, dim=1).double().square().sum()
-    return kept.to(dtype), x.sum(0).double(), sq
+    return kept.to(dtype), *row_stats(kept)
 
 
 def compact_rows(

@@ -18,7 +18,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,hf,datasets]"
+	$(PY) -m pip install --quiet -e ".[train,dev,hf,datasets]"
 	touch $(STAMP)
 
 train: $(STAMP)

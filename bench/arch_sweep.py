@@ -20,26 +20,25 @@ FLASHSAE_HOME.
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from common import append_jsonl, environment
 
-from flashsae.cache.build import build, cache_settings, default_cache_dir
 from flashsae.cache.loader import ActivationLoader
-from flashsae.cache.shards import site_stats
-from flashsae.cache.subjects import get_subject
-from flashsae.train.checkpoint import SAE_CLASSES
+from flashsae.train import RunConfig
 from flashsae.train.eval import evaluate
 from flashsae.train.gated import GatedSAE, rescale_shift
 from flashsae.train.metrics import METRIC_KEYS
+from flashsae.train.pipeline import prepare, train_config
 from flashsae.train.plots import frontier_plot
-from flashsae.train.sae import SAE, SAEConfig
-from flashsae.train.trainer import TrainConfig, train_sae
+from flashsae.train.sae import SAE, SAE_CLASSES
+from flashsae.train.trainer import train_sae
+from flashsae.train.wandb_log import NullLogger
 
 RESULTS = Path(__file__).parent / "results"
 # λ for the penalized architectures, k for the TopK family, chosen before the sweep from one
@@ -55,52 +54,37 @@ GRID = {
 }
 
 
-class _NoLog:
-    """train_sae's logger, discarding the records (the sweep keeps only final metrics)."""
-
-    def log(self, record: dict, step: int) -> None:
-        pass
-
-
 class Context:
     """What every run shares: model, site, cache, input scale, evaluation text, settings."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.subject = get_subject(args.model, args.seq_len)
-        self.site = self.subject.default_site
-        self.model = self.subject.load("cpu")
-        settings = cache_settings(
-            self.subject, [self.site], None, args.tokens, args.seq_len, args.seed
-        )
-        self.cache = default_cache_dir(settings)
-        manifest = build(self.subject, self.model, settings, self.cache)
-        mean, mean_sq_norm = site_stats(manifest, self.site)
-        self.scale = math.sqrt(self.subject.d_model / mean_sq_norm)  # E||x||² = d
-        self.mean = mean.float() * self.scale
-        self.eval_seqs = self.subject.sequences(
-            "val", args.eval_tokens, args.seq_len, args.seed
-        ).tokens
-
-    def config(self, arch: str, value: float) -> SAEConfig:
-        d = self.subject.d_model
-        topk = arch in ("topk", "batchtopk", "matryoshka")
-        return SAEConfig(
-            arch=arch, d=d, n_latents=self.args.n_latents, k=int(value) if topk else 0,
-            k_aux=d // 2 if topk else 0, sparsity_coeff=0.0 if topk else value,
-            site=self.site, model=self.args.model, input_scale=self.scale,
+        cfg = RunConfig(
+            model=args.model, n_latents=args.n_latents, tokens=args.tokens,
+            batch_size=args.batch_size, lr=args.lr, eval_tokens=args.eval_tokens,
+            seq_len=args.seq_len, seed=args.seed, device="cpu",
         )  # fmt: skip
+        self.data = prepare(cfg)
+        self.site = self.data.cfg.site
+        self.scale = self.data.input_scale
+        self.eval_seqs = self.data.eval_sequences()
+
+    def new_sae(self, arch: str, value: float) -> SAE:
+        """A new SAE of ``arch`` with k (TopK family) or λ (the others) = ``value``."""
+        topk = SAE_CLASSES[arch].default_sparsity_coeff is None
+        cfg = replace(self.data.cfg, arch=arch)
+        cfg = replace(cfg, k=int(value)) if topk else replace(cfg, sparsity_coeff=value)
+        return self.data.new_sae(cfg)
 
     def train_and_evaluate(self, sae: SAE) -> dict:
-        args = self.args
+        args, data = self.args, self.data
         if args.adam_beta1 is not None:
             sae.adam_betas = (args.adam_beta1, sae.adam_betas[1])
-        cfg = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr)
-        loader = ActivationLoader(self.cache, self.site, args.batch_size, seed=args.seed)
+        loader = ActivationLoader(data.cache, self.site, args.batch_size, seed=args.seed)
         start = time.time()
-        summary = train_sae(sae, loader, cfg, _NoLog())
+        summary = train_sae(sae, loader, train_config(data.cfg, data.device), NullLogger())
         sae.eval()
-        results, _ = evaluate(sae, self.model, self.eval_seqs)
+        results, _ = evaluate(sae, data.model, self.eval_seqs)
         metrics = {k: results[k] for k in METRIC_KEYS} | summary
         return metrics | magnitude_stats(sae) | {"seconds": time.time() - start}
 
@@ -120,8 +104,7 @@ def magnitude_stats(sae: SAE) -> dict:
 
 def run_one(ctx: Context, arch: str, value: float) -> tuple[dict, SAE]:
     torch.manual_seed(ctx.args.seed)
-    sae = SAE_CLASSES[arch](ctx.config(arch, value))
-    sae.init_b_dec(ctx.mean)
+    sae = ctx.new_sae(arch, value)
     return ctx.train_and_evaluate(sae), sae
 
 

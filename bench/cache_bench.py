@@ -35,8 +35,10 @@ from flashsae.cache.loader import ActivationLoader
 from flashsae.cache.shards import ShardWriter
 from flashsae.cache.subjects import get_subject
 from flashsae.kernels.capture import row_stats
-from flashsae.train.sae import SAEConfig, TopKSAE
+from flashsae.train.sae import SAEConfig
+from flashsae.train.topk import TopKSAE
 from flashsae.train.trainer import TrainConfig, train_sae
+from flashsae.train.wandb_log import NullLogger
 
 RESULTS = Path(__file__).parent / "results" / "cache.jsonl"
 
@@ -182,11 +184,6 @@ class _OneBatch:
             yield self.x
 
 
-class _NoLog:
-    def log(self, record: dict, step: int) -> None:
-        pass
-
-
 def bench_feed(args: argparse.Namespace, work: Path) -> dict:
     """Rows/s the loader delivers on the device (prefetch thread, pinned memory) against
     rows/s the TopK trainer consumes at the same d (16·d latents, k 32, AuxK, batch 4096)."""
@@ -196,7 +193,7 @@ def bench_feed(args: argparse.Namespace, work: Path) -> dict:
     cfg = TrainConfig(tokens=(steps + 1) * batch, batch_size=batch, log_every=10**9)
 
     def train() -> None:
-        train_sae(sae, _OneBatch(x), cfg, _NoLog())
+        train_sae(sae, _OneBatch(x), cfg, NullLogger())
 
     loader = ActivationLoader(work / "cache", "x", batch, device=args.device)
 

@@ -1,27 +1,27 @@
-"""The SAE architectures beyond TopK: shapes, training, checkpoints with folded normalization, and
+"""Every registered SAE architecture: shapes, training, checkpoints with folded normalization, and
 each architecture's defining property. Training runs the torch path (TRITON_INTERPRET removed);
 ``test_kernel_path_matches_torch_path`` runs the Triton kernels under the interpreter."""
-
-import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from flashsae.train.batchtopk import THRESHOLD_DECAY, matryoshka_prefixes
-from flashsae.train.checkpoint import SAE_CLASSES, load_sae, save_sae
+from flashsae.train.checkpoint import load_sae, save_sae
 from flashsae.train.gated import GatedSAE, rescale_shift
 from flashsae.train.jumprelu import BANDWIDTH, THRESHOLD_LR_SCALE, JumpReLUSAE
-from flashsae.train.relu import SPARSITY_WARMUP, ReLUSAE
-from flashsae.train.sae import SAEConfig, normalized_mse
+from flashsae.train.relu import ReLUSAE
+from flashsae.train.sae import SAE_CLASSES, SPARSITY_WARMUP, make_sae, normalized_mse
 from flashsae.train.synthetic import SyntheticActivations, SyntheticConfig
 from flashsae.train.trainer import TrainConfig, train_sae
+from flashsae.train.wandb_log import NullLogger
 
-ARCHS = ["relu", "gated", "jumprelu", "batchtopk", "matryoshka"]
+ARCHS = sorted(SAE_CLASSES)
 D, N, B = 16, 64, 128
 RAW_GAIN, RAW_SHIFT = 7.0, 3.0  # raw activations: not normalized, nonzero mean
 COEFF = {"relu": 0.3, "gated": 0.3, "jumprelu": 0.03}  # λ for these tiny SAEs (d = 16)
 KEYS = {
+    "topk": {"W_enc", "b_enc", "W_dec", "b_dec"},
     "relu": {"W_enc", "b_enc", "W_dec", "b_dec"},
     "gated": {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"},
     "jumprelu": {"W_enc", "b_enc", "threshold", "W_dec", "b_dec"},
@@ -53,24 +53,15 @@ class _Stream:
             i += 1
 
 
-class _NoLog:
-    def log(self, record, step):
-        pass
-
-
 def _build(arch, stream, **cfg):
     raw = stream.batch(-1, 2048)
-    scale = math.sqrt(D / raw.square().sum(1).mean().item())
-    cfg = {"sparsity_coeff": COEFF.get(arch, 0.0), **cfg}
-    config = SAEConfig(arch=arch, d=D, n_latents=N, k=4, k_aux=8, input_scale=scale, **cfg)
-    sae = SAE_CLASSES[arch](config)
-    sae.init_b_dec(raw.mean(0) * scale)
-    return sae
+    cfg = {"sparsity_coeff": COEFF.get(arch, 0.0), "k": 4, **cfg}
+    return make_sae(arch, N, raw.mean(0), raw.square().sum(1).mean().item(), **cfg)
 
 
 def _train(sae, stream, steps, lr=3e-3):
     cfg = TrainConfig(tokens=steps * B, batch_size=B, lr=lr, dead_window=4 * B, log_every=10**6)
-    train_sae(sae, stream, cfg, _NoLog())
+    train_sae(sae, stream, cfg, NullLogger())
     return sae
 
 
@@ -152,7 +143,7 @@ def test_kernel_path_matches_torch_path(arch, monkeypatch):
 
 def test_relu_decoder_norm_weighted_l1_and_defaults():
     default = _build("relu", _Stream(), sparsity_coeff=0.0).cfg.sparsity_coeff
-    assert default == ReLUSAE.DEFAULT_SPARSITY_COEFF  # λ = 0 in the config means the default
+    assert default == ReLUSAE.default_sparsity_coeff  # λ = 0 in the config means the default
     sae = _build("relu", _Stream())
     assert not sae.unit_norm_decoder and sae.grad_clip == 1.0 and sae.lr_decay_frac == 0.2
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((N,), 0.1))

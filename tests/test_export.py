@@ -7,15 +7,15 @@ import torch
 from safetensors.torch import load_file
 
 from flashsae.cache.errors import UserError
-from flashsae.train.checkpoint import SAE_CLASSES, save_sae
+from flashsae.train.checkpoint import save_sae
 from flashsae.train.export import (
-    ARCH_MAPPINGS,
     SAELENS_FORMAT_VERSION,
     export_saelens,
     hook_layer,
     to_saelens,
 )
-from flashsae.train.sae import SAEConfig, TopKSAE
+from flashsae.train.sae import SAE_CLASSES, SAEConfig
+from flashsae.train.topk import TopKSAE
 from flashsae.train.synthetic import SyntheticActivations, SyntheticConfig, SyntheticStream
 from flashsae.train.trainer import TrainConfig, train_sae
 from flashsae.train.wandb_log import RunLogger
@@ -118,11 +118,11 @@ def random_params(arch, d=8, n=24):
     """Plain tensors with the names and shapes of ``arch``'s checkpoint."""
     g = torch.Generator().manual_seed(0)
     shapes = {"W_enc": (d, n), "W_dec": (n, d), "b_dec": (d,)}
-    if ARCH_MAPPINGS[arch].scalar_threshold:
+    if SAE_CLASSES[arch].saelens.scalar_threshold:
         shapes["threshold"] = ()
     return {
         name: torch.randn(shapes.get(name, (n,)), generator=g)
-        for name in ARCH_MAPPINGS[arch].tensors
+        for name in SAE_CLASSES[arch].saelens.tensors
     }
 
 
@@ -142,7 +142,7 @@ def randomized(arch, input_scale=2.0):
     return sae.eval()
 
 
-@pytest.mark.parametrize("arch", sorted(ARCH_MAPPINGS))
+@pytest.mark.parametrize("arch", sorted(SAE_CLASSES))
 def test_every_architecture_exports_the_same_function(arch, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # torch reference kernels
     sae = randomized(arch)
@@ -150,10 +150,10 @@ def test_every_architecture_exports_the_same_function(arch, tmp_path, monkeypatc
     cfg, w = read_export(export_saelens(tmp_path / "run", tmp_path / "out"))
     cfg_m, w_m = read_export(export_saelens(sae, tmp_path / "out_module"))
     assert cfg == cfg_m and w.keys() == w_m.keys()
-    assert cfg["architecture"] == ARCH_MAPPINGS[arch].saelens_arch
+    assert cfg["architecture"] == SAE_CLASSES[arch].saelens.architecture
     assert {k: tuple(v.shape) for k, v in w.items()} == {
         name: {"W_enc": (8, 24), "W_dec": (24, 8), "b_dec": (8,)}.get(name, (24,))
-        for name in ARCH_MAPPINGS[arch].tensors
+        for name in SAE_CLASSES[arch].saelens.tensors
     }
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))  # raw activations
     s = sae.cfg.input_scale
@@ -237,7 +237,8 @@ def test_malformed_checkpoints_raise_user_errors(tmp_path, files, message):
 def test_export_command(tmp_path, capsys):
     from flashsae.train.checkpoint import save_sae
     from flashsae.train.export import main
-    from flashsae.train.sae import SAEConfig, TopKSAE
+    from flashsae.train.sae import SAEConfig
+    from flashsae.train.topk import TopKSAE
 
     save_sae(
         TopKSAE(SAEConfig("topk", 8, 16, k=4, k_aux=4, site="blocks.1.hook_resid_post")),

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from flashsae.train.sae import SAEConfig, TopKSAE
+from flashsae.train.sae import SAEConfig
+from flashsae.train.topk import TopKSAE
 from flashsae.train.synthetic import (
     SyntheticActivations,
     SyntheticConfig,

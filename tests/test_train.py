@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import wandb
 
 from flashsae.cache.bytelm import BOS, ByteLM, ByteLMConfig
 from flashsae.cache.errors import UserError
@@ -12,7 +13,8 @@ from flashsae.cache.shards import ShardWriter
 from flashsae.train import wandb_log
 from flashsae.train.checkpoint import load_sae, save_sae
 from flashsae.train.eval import evaluate
-from flashsae.train.sae import SAE, SAEConfig, TopKSAE
+from flashsae.train.sae import SAE, SAEConfig
+from flashsae.train.topk import TopKSAE
 from flashsae.train.trainer import TrainConfig, train_sae
 
 
@@ -97,7 +99,7 @@ class FakeRun:
 def test_wandb_names_steps_config_and_artifact(tmp_path, monkeypatch):
     runs = []
     monkeypatch.setattr(
-        wandb_log.wandb, "init", lambda **kw: runs.append(FakeRun(**kw)) or runs[-1]
+        wandb, "init", lambda **kw: runs.append(FakeRun(**kw)) or runs[-1]
     )
     monkeypatch.setenv("WANDB_MODE", "offline")
     from flashsae.train.__main__ import main
@@ -124,7 +126,7 @@ def test_wandb_names_steps_config_and_artifact(tmp_path, monkeypatch):
 
 def test_disabled_wandb_still_writes_the_mirror(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setattr(wandb_log.wandb, "init", lambda **kw: pytest.fail("W&B was started"))
+    monkeypatch.setattr(wandb, "init", lambda **kw: pytest.fail("W&B was started"))
     logger = wandb_log.RunLogger(tmp_path, {}, "x")
     logger.log({"losses/mse": 0.5}, step=10)
     logger.finish()

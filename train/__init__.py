@@ -1,3 +1,16 @@
+"""SAE training: architectures (one module each), the run config, the pipeline, checkpoints.
+
+from flashsae.train import RunConfig, load_sae, run
+"""
+
 from importlib.metadata import version
 
 __version__ = version("flashsae")
+
+# The built-in architectures register themselves on import.
+from . import batchtopk, gated, jumprelu, relu, topk  # noqa: E402, F401
+from .checkpoint import load_sae, save_sae  # noqa: E402
+from .config import RunConfig  # noqa: E402
+from .pipeline import run  # noqa: E402
+
+__all__ = ["RunConfig", "load_sae", "run", "save_sae"]

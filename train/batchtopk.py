@@ -24,13 +24,18 @@ from torch import nn
 
 from flashsae.kernels import batch_topk, sparse_decode, topk
 
-from .sae import SAE, SAEConfig, normalized_mse
+from .sae import SAE, SAEConfig, SAELensLayout, normalized_mse, register
 
 THRESHOLD_DECAY = 0.99
 MATRYOSHKA_FRACTIONS = (16, 8, 4, 2, 1)  # prefix m = n // fraction
 
 
+@register("batchtopk")
 class BatchTopKSAE(SAE):
+    saelens = SAELensLayout(
+        "jumprelu", ("W_enc", "b_enc", "threshold", "W_dec", "b_dec"), True, scalar_threshold=True
+    )
+
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         self.W_enc = nn.Parameter(self.W_dec.detach().T.clone().contiguous())
@@ -91,6 +96,7 @@ def matryoshka_prefixes(n: int) -> list[int]:
     return sorted({n // q for q in MATRYOSHKA_FRACTIONS if n // q > 0})
 
 
+@register("matryoshka")
 class MatryoshkaSAE(BatchTopKSAE):
     def reconstruction_loss(
         self, x: torch.Tensor, f: torch.Tensor

@@ -1,4 +1,4 @@
-"""Checkpoints: ``sae.safetensors`` + ``cfg.json`` in a folder, and the architecture registry.
+"""Checkpoints: ``sae.safetensors`` + ``cfg.json`` in a folder.
 
 Loading never executes code from a file: tensors come from safetensors, the config
 from JSON.
@@ -17,20 +17,7 @@ from safetensors.torch import load_file, save_file
 from flashsae.cache.errors import UserError
 
 from . import __version__
-from .batchtopk import BatchTopKSAE, MatryoshkaSAE
-from .gated import GatedSAE
-from .jumprelu import JumpReLUSAE
-from .relu import ReLUSAE
-from .sae import SAE, SAEConfig, TopKSAE
-
-SAE_CLASSES: dict[str, type[SAE]] = {
-    "topk": TopKSAE,
-    "batchtopk": BatchTopKSAE,
-    "matryoshka": MatryoshkaSAE,
-    "relu": ReLUSAE,
-    "gated": GatedSAE,
-    "jumprelu": JumpReLUSAE,
-}
+from .sae import SAE, SAE_CLASSES, SAEConfig
 
 
 def save_sae(sae: SAE, folder: Path) -> None:

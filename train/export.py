@@ -10,7 +10,8 @@ pre-6.0 config conversion. Weights are float32, already acting on raw activation
 (the input scale folded in), so normalize_activations = "none".
 
 Tensor names and shapes are the same in both libraries (W_enc [d, n], W_dec [n, d],
-b_dec [d], the rest [n]):
+b_dec [d], the rest [n]). Each architecture's class holds its layout (``saelens``); for the
+built-in ones:
 
 | flashsae   | SAELens architecture | tensors besides W_enc, W_dec, b_dec | apply_b_dec_to_input |
 |------------|----------------------|-------------------------------------|----------------------|
@@ -40,7 +41,6 @@ import argparse
 import json
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,38 +50,16 @@ from flashsae.cache.errors import UserError, report_errors
 
 from . import __version__
 from .checkpoint import load_sae
-from .sae import SAE
+from .sae import SAE, SAE_CLASSES
 
 SAELENS_FORMAT_VERSION = "6.54.12"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 
 
-@dataclass(frozen=True)
-class ArchMapping:
-    """How one flashsae architecture appears in SAELens."""
-
-    saelens_arch: str
-    tensors: tuple[str, ...]
-    apply_b_dec_to_input: bool
-    scalar_threshold: bool = False  # one θ for all latents, broadcast to [n] on export
-
-
-ARCH_MAPPINGS = {
-    "topk": ArchMapping("topk", ("W_enc", "b_enc", "W_dec", "b_dec"), True),
-    **{
-        arch: ArchMapping("jumprelu", ("W_enc", "b_enc", "threshold", "W_dec", "b_dec"), True, True)
-        for arch in ("batchtopk", "matryoshka")
-    },
-    "gated": ArchMapping("gated", ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"), True),
-    "jumprelu": ArchMapping("jumprelu", ("W_enc", "b_enc", "threshold", "W_dec", "b_dec"), False),
-    "relu": ArchMapping("standard", ("W_enc", "b_enc", "W_dec", "b_dec"), False),
-}
-
-
 def _check_tensors(arch: str, params: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(d, n) from W_dec [n, d], after checking that every tensor ``arch`` needs is present
     with its shape and that there are no others."""
-    names = ARCH_MAPPINGS[arch].tensors
+    names = SAE_CLASSES[arch].saelens.tensors
     missing = [k for k in names if k not in params]
     extra = sorted(set(params) - set(names))
     if missing or extra:
@@ -90,7 +68,7 @@ def _check_tensors(arch: str, params: dict[str, torch.Tensor]) -> tuple[int, int
         raise UserError(f"W_dec must be 2-D [n, d], got shape {tuple(params['W_dec'].shape)}")
     n, d = params["W_dec"].shape
     want = {name: (n,) for name in names} | {"W_enc": (d, n), "W_dec": (n, d), "b_dec": (d,)}
-    if ARCH_MAPPINGS[arch].scalar_threshold:
+    if SAE_CLASSES[arch].saelens.scalar_threshold:
         want["threshold"] = ()
     for name in names:
         if tuple(params[name].shape) != want[name]:
@@ -118,10 +96,10 @@ def to_saelens(
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """(SAELens ``cfg.json`` dict, float32 CPU tensors) for the folded parameters ``params`` of
     a flashsae ``arch`` SAE; ``k`` is required for topk, the rest is metadata."""
-    if arch not in ARCH_MAPPINGS:
-        raise UserError(f"cannot export arch {arch!r} to SAELens; known: {sorted(ARCH_MAPPINGS)}")
+    if arch not in SAE_CLASSES:
+        raise UserError(f"cannot export arch {arch!r} to SAELens; known: {sorted(SAE_CLASSES)}")
     d, n = _check_tensors(arch, params)
-    mapping = ARCH_MAPPINGS[arch]
+    mapping = SAE_CLASSES[arch].saelens
     tensors = {name: t.detach().float().cpu().contiguous() for name, t in params.items()}
     if mapping.scalar_threshold:
         tensors["threshold"] = tensors["threshold"].expand(n).contiguous()
@@ -133,9 +111,9 @@ def to_saelens(
         "apply_b_dec_to_input": mapping.apply_b_dec_to_input,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "architecture": mapping.saelens_arch,
+        "architecture": mapping.architecture,
     }
-    if arch == "topk":
+    if mapping.architecture == "topk":
         if not k or not 0 < k <= n:
             raise UserError(f"a topk SAE needs 0 < k <= {n}, got k={k}")
         cfg |= {"k": k, "rescale_acts_by_decoder_norm": False}

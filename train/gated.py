@@ -8,7 +8,7 @@
 serves both paths and ``kernels.gated`` is its epilogue. The auxiliary term reaches W_enc,
 b_gate and, through x_c, b_dec, but never the decoder. Decoder rows stay unit-norm; Adam
 β = (0, 0.999); λ warms up over the first 5% of steps. Init: W_enc = W_decᵀ, b_gate = r_mag =
-b_mag = 0. Default λ = 2 (``DEFAULT_SPARSITY_COEFF``, used when the config's λ is 0): L0 ≈ 50 on
+b_mag = 0. Default λ = 2 (``default_sparsity_coeff``, used when the config's λ is 0): L0 ≈ 50 on
 the bundled model's default site (n = 2048, 1M tokens in batches of 1024, lr 1e-3).
 Folding the input scale s into saved weights scales W_enc only: π_gate and π_mag are unchanged.
 
@@ -25,16 +25,18 @@ from torch import nn
 
 from flashsae.kernels import gated
 
-from .relu import ReLUSAE, warmed_up, with_default_coeff
-from .sae import SAE, SAEConfig
+from .relu import ReLUSAE
+from .sae import SAE, SAEConfig, SAELensLayout, register, warmed_up
 
 
+@register("gated")
 class GatedSAE(SAE):
-    DEFAULT_SPARSITY_COEFF = 2.0
+    saelens = SAELensLayout("gated", ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"), True)
+    default_sparsity_coeff = 2.0
     adam_betas = (0.0, 0.999)
 
     def __init__(self, cfg: SAEConfig) -> None:
-        super().__init__(with_default_coeff(cfg, self.DEFAULT_SPARSITY_COEFF))
+        super().__init__(cfg)
         n = cfg.n_latents
         self.W_enc = nn.Parameter(self.W_dec.detach().T.clone().contiguous())
         self.b_gate = nn.Parameter(torch.zeros(n))

@@ -6,7 +6,7 @@
 θ learns only through the straight-through pseudo-derivatives of ``kernels.jumprelu``
 (rectangle kernel, bandwidth ε = 1e-3), z through the true gradients. Init: θ = 1e-3,
 W_enc = W_decᵀ, b_enc = 0; decoder rows unit-norm; Adam β = (0, 0.999) as in the paper; λ warms
-up over the first 5% of steps. Default λ = 0.2 (``DEFAULT_SPARSITY_COEFF``, used when the
+up over the first 5% of steps. Default λ = 0.2 (``default_sparsity_coeff``, used when the
 config's λ is 0): L0 ≈ 50 on the bundled model's default site (n = 2048, 1M tokens in batches
 of 1024, lr 1e-3).
 
@@ -29,8 +29,7 @@ from torch import nn
 
 from flashsae.kernels import jumprelu
 
-from .relu import warmed_up, with_default_coeff
-from .sae import SAE, SAEConfig
+from .sae import SAE, SAEConfig, SAELensLayout, register, warmed_up
 
 THRESHOLD_INIT = 1e-3
 BANDWIDTH = 1e-3
@@ -43,12 +42,14 @@ def _threshold_from_checkpoint(module: nn.Module, state: dict, prefix: str, *_ar
         state[prefix + "theta_param"] = state.pop(prefix + "threshold").log() / THRESHOLD_LR_SCALE
 
 
+@register("jumprelu")
 class JumpReLUSAE(SAE):
-    DEFAULT_SPARSITY_COEFF = 0.2
+    saelens = SAELensLayout("jumprelu", ("W_enc", "b_enc", "threshold", "W_dec", "b_dec"), False)
+    default_sparsity_coeff = 0.2
     adam_betas = (0.0, 0.999)
 
     def __init__(self, cfg: SAEConfig) -> None:
-        super().__init__(with_default_coeff(cfg, self.DEFAULT_SPARSITY_COEFF))
+        super().__init__(cfg)
         n = cfg.n_latents
         self.W_enc = nn.Parameter(self.W_dec.detach().T.clone().contiguous())
         self.b_enc = nn.Parameter(torch.zeros(n))

@@ -1,4 +1,4 @@
-"""Evaluation metrics, exactly as defined in DESIGN.md, accumulated as pooled sums.
+"""Evaluation metrics, accumulated as pooled sums.
 
 x is the SAE input after the run's normalization, x̂ its reconstruction, f the
 latent activations, μ the per-dimension mean of x over the whole evaluation set.

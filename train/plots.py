@@ -11,24 +11,33 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
 
 FIGSIZE = (6.4, 4.0)  # inches; at DPI this gives 640 x 400 pixels
 DPI = 100
 LABELS = {"l0": "L0", "fvu": "FVU", "ce_loss_recovered": "CE loss recovered"}
 
 
+def _pyplot():  # noqa: ANN202 - matplotlib.pyplot, imported on first use
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -38,7 +47,7 @@ def density_histogram(freqs: torch.Tensor | Sequence[float], path: str | Path) -
     f = f.reshape(-1)
     live = np.log10(f[f > 0])
     n_dead = int((f == 0).sum())
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    fig, ax = _pyplot().subplots(figsize=FIGSIZE)
     left = live.min() - 1.0 if live.size else 0.0
     if live.size:
         ax.hist(live, bins=50, color="tab:blue", label=f"live ({live.size})")
@@ -59,7 +68,7 @@ def frontier_plot(runs: Sequence[dict], path: str | Path, x: str = "l0", y: str 
     for r in runs:
         if not {"arch", x, y} <= r.keys():
             raise ValueError(f"run {r} lacks one of 'arch', {x!r}, {y!r}")
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    fig, ax = _pyplot().subplots(figsize=FIGSIZE)
     for arch in sorted({r["arch"] for r in runs}):
         points = sorted((r[x], r[y]) for r in runs if r["arch"] == arch)
         ax.plot(*zip(*points, strict=True), marker="o", label=arch)

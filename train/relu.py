@@ -6,39 +6,27 @@
 No unit-norm constraint: the penalty weights each latent by its decoder norm instead. W_dec rows
 start with norm 0.1, W_enc = W_decᵀ, b_enc = 0; λ warms up linearly over the first 5% of steps,
 the learning rate decays linearly over the last 20%, gradients are clipped at norm 1.
-Default λ = 2 (``DEFAULT_SPARSITY_COEFF``, used when the config's λ is 0): L0 ≈ 40 on the bundled
+Default λ = 2 (``default_sparsity_coeff``, used when the config's λ is 0): L0 ≈ 40 on the bundled
 model's default site (n = 2048, 1M tokens in batches of 1024, lr 1e-3; bench/results/arch_sweep.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import nn
 
-from .sae import SAE, SAEConfig
-
-SPARSITY_WARMUP = 0.05  # λ rises linearly from 0 over this first fraction of training
+from .sae import SAE, SAEConfig, SAELensLayout, register, warmed_up
 
 
-def warmed_up(coeff: float, progress: float) -> float:
-    """λ at ``progress`` (fraction of training done): linear from 0 over ``SPARSITY_WARMUP``."""
-    return coeff * min(1.0, progress / SPARSITY_WARMUP)
-
-
-def with_default_coeff(cfg: SAEConfig, default: float) -> SAEConfig:
-    """``cfg`` with λ = ``default`` when it is unset (0), so that cfg.json records the λ used."""
-    return cfg if cfg.sparsity_coeff else replace(cfg, sparsity_coeff=default)
-
-
+@register("relu")
 class ReLUSAE(SAE):
-    DEFAULT_SPARSITY_COEFF = 2.0
+    saelens = SAELensLayout("standard", ("W_enc", "b_enc", "W_dec", "b_dec"), False)
+    default_sparsity_coeff = 2.0
     grad_clip = 1.0
     unit_norm_decoder = False
 
     def __init__(self, cfg: SAEConfig) -> None:
-        super().__init__(with_default_coeff(cfg, self.DEFAULT_SPARSITY_COEFF))
+        super().__init__(cfg)
         with torch.no_grad():
             self.W_dec.mul_(0.1)
         self.W_enc = nn.Parameter(self.W_dec.detach().T.clone().contiguous())

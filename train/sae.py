@@ -1,26 +1,26 @@
-"""Sparse autoencoder modules, their checkpoints, and ``load_sae``.
+"""The SAE base class, its config, the architecture registry and the factory every run uses.
 
-Parameters are stored as in SAELens: encoder weights [d, n], W_dec [n, d] (row i
-is latent i's decoder direction), b_dec [d]; every architecture decodes with
-x̂ = f W_dec + b_dec. Architectures register in ``checkpoint.SAE_CLASSES``.
+Parameters are stored as in SAELens: encoder weights [d, n], W_dec [n, d] (row i is latent i's
+decoder direction), b_dec [d]; every architecture decodes with x̂ = f W_dec + b_dec. An
+architecture is one module that defines an ``SAE`` subclass decorated with ``@register``; the
+class carries its name, its SAELens layout and its default λ, so the checkpoint registry, the
+SAELens export, the command line's choices and the tests are all derived from the classes.
 
-TopK SAE (Gao et al. 2024):
-
-    z = (x - b_dec) W_enc + b_enc,   f = ReLU(TopK_k(z))
-
-Loss = ||x - x̂||² / E||x - μ||² + α AuxK, where AuxK is the same normalized MSE
-of reconstructing e = sg(x - x̂) from the top k_aux pre-activations of dead
-latents (α = 1/32, k_aux = d/2). Decoder rows stay unit-norm.
+Inputs are scaled so that E||x||² = d (``make_sae`` computes the scale from the data's mean
+squared norm), and the scale is folded into the weights on save.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from flashsae.kernels import encode_topk, normalize_decoder_, remove_parallel_grad_, sparse_decode
+from flashsae.kernels import normalize_decoder_, remove_parallel_grad_
+
+SPARSITY_WARMUP = 0.05  # λ rises linearly from 0 over this first fraction of training
 
 
 @dataclass
@@ -39,30 +39,52 @@ class SAEConfig:
     input_scale: float = 1.0  # multiply raw activations by this before the SAE (1 once folded)
 
 
+@dataclass(frozen=True)
+class SAELensLayout:
+    """How an architecture appears in SAELens' on-disk format (see ``export.py``)."""
+
+    architecture: str
+    tensors: tuple[str, ...]
+    apply_b_dec_to_input: bool
+    scalar_threshold: bool = False  # one θ for all latents, broadcast to [n] on export
+
+
 def normalized_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Σ_t ||x_t - x̂_t||² / Σ_t ||x_t - mean(x)||² over the batch."""
     return (x - x_hat).square().sum() / (x - x.mean(0)).square().sum().clamp_min(1e-12)
 
 
 def fired_latents(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
-    """``[n]`` bool: latents with a positive value in the batch's sparse codes."""
-    fired = torch.zeros(n, dtype=torch.bool, device=indices.device)
-    return fired.index_fill_(0, indices[values > 0].long(), True)
+    """``[n]`` bool: latents with a positive value in the batch's sparse codes (no host sync)."""
+    counts = torch.zeros(n, dtype=torch.int32, device=indices.device)
+    return counts.index_add_(0, indices.reshape(-1).long(), (values > 0).reshape(-1).int()) > 0
+
+
+def warmed_up(coeff: float, progress: float) -> float:
+    """λ at ``progress`` (fraction of training done): linear from 0 over ``SPARSITY_WARMUP``."""
+    return coeff * min(1.0, progress / SPARSITY_WARMUP)
 
 
 class SAE(nn.Module):
     """Base class: a unit-norm decoder shared by all architectures; subclasses add the encoder
-    (``encode``) and the loss (``training_loss``), and may override the optimizer defaults."""
+    (``encode``) and the loss (``training_loss``), and may override the optimizer defaults.
 
+    Class attributes an architecture sets: ``arch`` (its name, set by ``@register``),
+    ``saelens`` (its SAELens layout), ``default_sparsity_coeff`` (λ used when the config's λ is
+    0; None for architectures without a λ)."""
+
+    arch: str = ""
+    saelens: SAELensLayout
+    default_sparsity_coeff: float | None = None
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = None
-    lr_warmup_frac: float = 0.0  # lr rises linearly over this first fraction of steps
-    lr_decay_frac: float = 0.2  # and decays linearly to 0 over this last fraction
+    lr_decay_frac: float = 0.2  # the learning rate decays linearly to 0 over this last fraction
     unit_norm_decoder: bool = True
-    scaled_inputs: tuple[str, ...] = ("W_enc",)  # weights multiplied by the input scale on save
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
+        if self.default_sparsity_coeff is not None and not cfg.sparsity_coeff:
+            cfg = replace(cfg, sparsity_coeff=self.default_sparsity_coeff)  # recorded in cfg.json
         self.cfg = cfg
         w_dec = torch.randn(cfg.n_latents, cfg.d)
         self.W_dec = nn.Parameter(w_dec / w_dec.norm(dim=1, keepdim=True))
@@ -104,53 +126,57 @@ class SAE(nn.Module):
     def folded(self) -> dict[str, torch.Tensor]:
         """Weights acting on raw activations, with the input scale s folded in.
 
-        With x' = s·x: encoder weights ← s·W, W_dec ← W_dec / s, b_dec ← b_dec / s, and
-        f unchanged, so thresholds and biases of the latents stay as they are.
+        With x' = s·x: W_enc ← s·W_enc, W_dec ← W_dec / s, b_dec ← b_dec / s, and f unchanged,
+        so thresholds and biases of the latents stay as they are.
         """
         s = self.cfg.input_scale
         out = {k: v.detach().clone() for k, v in self.state_dict().items()}
-        for name in self.scaled_inputs:
-            out[name] *= s
+        out["W_enc"] *= s
         out["W_dec"] /= s
         out["b_dec"] /= s
         return out
 
 
-class TopKSAE(SAE):
-    def __init__(self, cfg: SAEConfig) -> None:
-        super().__init__(cfg)
-        self.W_enc = nn.Parameter(self.W_dec.detach().T.clone().contiguous())
-        self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
+SAE_CLASSES: dict[str, type[SAE]] = {}
 
-    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k latents per row: (values [B, k], int32 indices [B, k])."""
-        vals, idx, _, _ = encode_topk(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k)
-        return vals, idx
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        vals, idx = self.encode_sparse(x)
-        f = torch.zeros(x.shape[0], self.cfg.n_latents, device=x.device, dtype=vals.dtype)
-        return f.scatter(1, idx.long(), vals)
+def register(arch: str):  # noqa: ANN201 - a class decorator
+    """Class decorator: make an ``SAE`` subclass available as ``arch`` to the command line,
+    checkpoints (``load_sae``) and the SAELens export."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        vals, idx = self.encode_sparse(x)
-        return sparse_decode(vals, idx, self.W_dec, self.b_dec)
+    def add(cls: type[SAE]) -> type[SAE]:
+        if arch in SAE_CLASSES and SAE_CLASSES[arch] is not cls:
+            raise ValueError(f"SAE architecture {arch!r} is registered twice")
+        cls.arch = arch
+        SAE_CLASSES[arch] = cls
+        return cls
 
-    def training_loss(
-        self, x: torch.Tensor, dead_mask: torch.Tensor, progress: float
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        k_aux = self.cfg.k_aux
-        vals, idx, aux_vals, aux_idx = encode_topk(
-            x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, k_aux, dead_mask
-        )
-        x_hat = sparse_decode(vals, idx, self.W_dec, self.b_dec)
-        mse = normalized_mse(x, x_hat)
-        if k_aux:
-            e = (x - x_hat).detach()
-            e_hat = sparse_decode(aux_vals, aux_idx, self.W_dec, torch.zeros_like(self.b_dec))
-            aux = normalized_mse(e, e_hat) * dead_mask.any()
-        else:
-            aux = torch.zeros((), device=x.device)
-        loss = mse + self.cfg.aux_alpha * aux
-        parts = {"mse": mse.detach(), "aux": aux.detach()}
-        return loss, parts, fired_latents(idx, vals, self.cfg.n_latents)
+    return add
+
+
+def input_scale(d: int, mean_sq_norm: float) -> float:
+    """s = sqrt(d / E||x||²): the factor that makes E||s·x||² = d."""
+    return math.sqrt(d / mean_sq_norm)
+
+
+def make_sae(
+    arch: str,
+    n_latents: int,
+    mean: torch.Tensor,
+    mean_sq_norm: float,
+    **cfg: object,
+) -> SAE:
+    """A new ``arch`` SAE for data with per-dimension ``mean`` [d] and E||x||² = ``mean_sq_norm``
+    (raw units): input scale s = sqrt(d / E||x||²), k_aux = d/2, b_dec = s · mean. ``cfg`` holds
+    the other ``SAEConfig`` fields (k, sparsity_coeff, site, model, ...). Weights are drawn from
+    torch's global RNG; the SAE is on the CPU."""
+    if arch not in SAE_CLASSES:
+        raise ValueError(f"unknown SAE architecture {arch!r}; known: {sorted(SAE_CLASSES)}")
+    d = mean.shape[0]
+    scale = input_scale(d, mean_sq_norm)
+    config = SAEConfig(
+        arch=arch, d=d, n_latents=n_latents, **{"k_aux": d // 2, **cfg, "input_scale": scale}
+    )
+    sae = SAE_CLASSES[arch](config)
+    sae.init_b_dec(mean.float() * scale)
+    return sae

@@ -12,7 +12,7 @@ a Gaussian copula: s_i = 1[u_i < Φ⁻¹(p_i)] with u_i = √ρ z_g + √(1-ρ) 
 features of co-firing group g (n_groups disjoint groups of group_size features)
 and u_i = ε_i otherwise, z, ε ~ N(0, 1). Marginals stay exactly p_i for any ρ.
 
-MMCS (DESIGN.md) against the known dictionary G with learned decoder rows D:
+MMCS against the known dictionary G with learned decoder rows D:
 mean over g in G of max over d in D of cos(g, d), and the reverse direction.
 """
 
@@ -118,7 +118,7 @@ def max_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class MMCS(NamedTuple):
-    """Mean max cosine similarity in both directions (DESIGN.md)."""
+    """Mean max cosine similarity in both directions."""
 
     truth_to_learned: float  # mean over g in G of max over d in D of cos(g, d)
     learned_to_truth: float  # mean over d in D of max over g in G of cos(d, g)

@@ -5,10 +5,15 @@ capped by the tokens seen so far; dead latents feed the AuxK loss. Every
 ``checkpoint_every`` steps the whole training state (SAE, optimizer, step, dead-latent
 counters, RNG) goes to ``train_state.pt``; the loader position is the step, so a
 resumed run ends with the same weights as an uninterrupted one.
+
+``dtype`` bf16 runs the SAE's forward and backward under bf16 autocast, with fp32 master
+weights and Adam state (inputs are centred in fp32 by the kernels); fp32 allows TF32 matmuls on
+GPUs. The loop has no host sync except on the steps that log (every ``log_every``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -19,29 +24,40 @@ from tqdm.auto import tqdm
 
 from flashsae.cache.loader import ActivationLoader
 
+from .config import RunConfig
 from .sae import SAE
 from .wandb_log import RunLogger
 
 
 @dataclass
 class TrainConfig:
+    """The training loop's settings; defaults are ``RunConfig``'s (see its help)."""
+
     tokens: int
-    batch_size: int = 4096
-    lr: float = 1e-3
-    dead_window: int = 10_000_000
+    batch_size: int = RunConfig.batch_size
+    lr: float = RunConfig.lr
+    dead_window: int = RunConfig.dead_window
     log_every: int = 25
-    checkpoint_every: int = 100  # steps between train_state.pt saves (0: never)
+    checkpoint_every: int = RunConfig.checkpoint_every  # steps between saves (0: only at the end)
+    dtype: str = "fp32"  # "bf16" (autocast) or "fp32"
 
 
-def lr_at(step: int, steps: int, lr: float, warmup_frac: float, decay_frac: float) -> float:
-    """Linear warm-up over the first ``warmup_frac`` of steps, constant, then linear decay to 0
-    over the last ``decay_frac``."""
-    warmup = max(int(steps * warmup_frac), 1)
+def lr_at(step: int, steps: int, lr: float, decay_frac: float) -> float:
+    """Constant, then linear decay to 0 over the last ``decay_frac`` of steps."""
     decay_start = int(steps * (1 - decay_frac))
-    scale = min(1.0, (step + 1) / warmup)
-    if step >= decay_start:
-        scale = min(scale, (steps - step) / max(steps - decay_start, 1))
-    return lr * scale
+    if step < decay_start:
+        return lr
+    return lr * min(1.0, (steps - step) / max(steps - decay_start, 1))
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` for ``dtype`` "bf16"; TF32 matmuls for "fp32" on CUDA."""
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return contextlib.nullcontext()
 
 
 def save_state(
@@ -107,10 +123,11 @@ def train_sae(
         seen = step * cfg.batch_size
         dead = (seen - last_fired >= min(cfg.dead_window, seen)) & (seen > 0)
         x = next(batches).float() * scale
-        lr = lr_at(step, steps, cfg.lr, sae.lr_warmup_frac, sae.lr_decay_frac)
+        lr = lr_at(step, steps, cfg.lr, sae.lr_decay_frac)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss, parts, fired = sae.training_loss(x, dead, step / steps)
+        with autocast(device, cfg.dtype):
+            loss, parts, fired = sae.training_loss(x, dead, step / steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.before_step()

@@ -5,7 +5,8 @@ key is configured (``WANDB_API_KEY`` or a netrc entry for api.wandb.ai), else
 offline, in which case the ``wandb sync`` command is printed at the end. Steps are
 counted in tokens; names are grouped as ``losses/*``, ``metrics/*``, ``sparsity/*``,
 ``perf/*`` and ``details/*``. The run's id is kept in ``wandb_run.json`` so that a
-resumed run or a later evaluation logs to the same W&B entry.
+resumed run or a later evaluation logs to the same W&B entry. ``wandb`` is imported only when
+a run logs to it, so a machine without it can train with ``WANDB_MODE=disabled``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,26 @@ import json
 import netrc
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import wandb
+
+from flashsae.cache.errors import UserError
+
+if TYPE_CHECKING:
+    from wandb.sdk.wandb_run import Run
 
 RUN_FILE = "wandb_run.json"
+
+
+def _wandb():  # noqa: ANN202 - the wandb module
+    try:
+        import wandb
+    except ImportError as e:
+        raise UserError(
+            "wandb is not installed: pip install wandb, or set WANDB_MODE=disabled"
+        ) from e
+    return wandb
 
 
 def has_api_key() -> bool:
@@ -34,13 +50,13 @@ def wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or ("online" if has_api_key() else "offline")
 
 
-def _init(out: Path, name: str | None, config: dict | None) -> wandb.sdk.wandb_run.Run | None:
+def _init(out: Path, name: str | None, config: dict | None) -> Run | None:
     """Start (or, when ``out/wandb_run.json`` exists, resume) the run of ``out``."""
     mode = wandb_mode()
     if mode == "disabled":
         return None
     saved = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).exists() else {}
-    run = wandb.init(
+    run = _wandb().init(
         project=saved.get("project", os.environ.get("WANDB_PROJECT", "flashsae")),
         id=saved.get("id"),
         resume="allow" if saved else None,
@@ -53,7 +69,7 @@ def _init(out: Path, name: str | None, config: dict | None) -> wandb.sdk.wandb_r
     return run
 
 
-def _finish(run: wandb.sdk.wandb_run.Run | None) -> None:
+def _finish(run: Run | None) -> None:
     if run is None:
         return
     run_dir = Path(run.dir).parent
@@ -61,6 +77,13 @@ def _finish(run: wandb.sdk.wandb_run.Run | None) -> None:
     run.finish()
     if offline:
         print(f"W&B offline run saved; upload it with: wandb sync {run_dir}")
+
+
+class NullLogger:
+    """A logger that discards everything (for sweeps and tests that keep only final metrics)."""
+
+    def log(self, record: dict, step: int) -> None:
+        pass
 
 
 class RunLogger:
@@ -80,7 +103,7 @@ class RunLogger:
     def log_histogram(self, name: str, values: np.ndarray, step: int) -> None:
         """A histogram (W&B only; the mirror gets nothing)."""
         if self.run is not None:
-            self.run.log({name: wandb.Histogram(values)}, step=step)
+            self.run.log({name: _wandb().Histogram(values)}, step=step)
 
     def summary(self, values: dict) -> None:
         if self.run is not None:
@@ -90,7 +113,7 @@ class RunLogger:
         """Attach files (checkpoint, metrics) to the run as an artifact of type model."""
         if self.run is None:
             return
-        art = wandb.Artifact(name, type="model")
+        art = _wandb().Artifact(name, type="model")
         for f in files:
             art.add_file(str(f))
         self.run.log_artifact(art)
@@ -107,6 +130,7 @@ def resume_run(out: Path, record: dict, images: dict[str, Path], artifact: Path)
         return
     run = _init(out, None, None)
     run.summary.update(record)
+    wandb = _wandb()
     run.log({f"eval/{k}": wandb.Image(str(p)) for k, p in images.items() if p.exists()})
     art = wandb.Artifact(f"eval-{run.id}", type="model")
     art.add_file(str(artifact))

@@ -1,0 +1,160 @@
+"""``RunConfig``: every setting of a training run, in one place.
+
+The command line (``python -m flashsae.train --help``) is generated from the fields, the run
+directory's ``config.json`` is the dataclass as JSON, and ``--resume`` rebuilds it from there.
+"""
+
+import argparse
+import json
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from flashsae.cache.errors import UserError
+
+from .sae import SAE_CLASSES
+
+DTYPES = ("auto", "bf16", "fp32")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class RunConfig:
+    """One SAE training run: subject model and site, data, SAE, optimisation, outputs."""
+
+    model: str = field(
+        default="bytelm",
+        metadata=_help("bytelm, bytelm-tiny, or a Hugging Face model id or path (extra hf)"),
+    )
+    site: str | None = field(
+        default=None, metadata=_help("e.g. blocks.1.hook_resid_post (default: middle layer)")
+    )
+    arch: str = field(default="topk", metadata=_help("SAE architecture"))
+    n_latents: int | None = field(
+        default=None, metadata=_help("dictionary size (default 16 x d_model)")
+    )
+    k: int = field(default=32, metadata=_help("active latents per token (TopK family)"))
+    tokens: int = field(default=2_000_000, metadata=_help("training tokens"))
+    batch_size: int = field(default=4096, metadata=_help("tokens per SAE step"))
+    lr: float = field(default=1e-3, metadata=_help("Adam learning rate"))
+    sparsity_coeff: float = field(
+        default=0.0, metadata=_help("λ of the L1/L0 penalty; 0: the arch's default")
+    )
+    dtype: str = field(
+        default="auto",
+        metadata=_help(
+            "compute dtype of the SAE step: bf16 (autocast, fp32 master weights and Adam state) "
+            "or fp32 (TF32 allowed on GPUs); auto: bf16 on CUDA, fp32 on the CPU"
+        ),
+    )
+    cache: Path | None = field(default=None, metadata=_help("existing activation cache directory"))
+    out: Path | None = field(default=None, metadata=_help("run directory (default runs/<name>)"))
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
+    seed: int = field(default=0, metadata=_help("seed for data order and SAE init"))
+    seq_len: int = field(default=128, metadata=_help("tokens per captured sequence"))
+    text: str | None = field(
+        default=None, metadata=_help("text file, directory, .jsonl or dataset (default: stdlib)")
+    )
+    text_field: str = field(default="text", metadata=_help("the text field of .jsonl and datasets"))
+    eval_tokens: int = field(default=65536, metadata=_help("held-out tokens to evaluate on"))
+    dead_window: int = field(
+        default=10_000_000, metadata=_help("tokens without firing after which a latent is dead")
+    )
+    checkpoint_every: int = field(
+        default=100, metadata=_help("steps between resumable saves (0: only at the end)")
+    )
+
+    def check(self) -> None:
+        """Raise UserError on settings that cannot run."""
+        for name in ("tokens", "batch_size", "k", "eval_tokens", "seq_len", "dead_window"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise UserError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        if self.arch not in SAE_CLASSES:
+            raise UserError(f"unknown --arch {self.arch!r}; known: {', '.join(SAE_CLASSES)}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.n_latents is not None and self.k > self.n_latents:
+            raise UserError(f"--k {self.k} is larger than --n-latents {self.n_latents}")
+        if self.tokens < self.batch_size:
+            raise UserError(
+                f"--tokens {self.tokens} is less than one batch (--batch-size {self.batch_size})"
+            )
+        if self.seq_len < 2:
+            raise UserError("--seq-len must be at least 2 (BOS plus one token)")
+
+    def to_json(self) -> str:
+        raw = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        return json.dumps(raw, indent=2)
+
+    @classmethod
+    def load(cls, path: Path) -> "RunConfig":
+        """The config saved as ``path`` (a run's ``config.json``). Files written before
+        ``dtype`` existed were fp32 runs, and resume as such."""
+        try:
+            raw = json.loads(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise UserError(
+                f"{path} does not exist; is {Path(path).parent} a run directory?"
+            ) from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is not valid JSON ({e})") from e
+        if not isinstance(raw, dict):
+            raise UserError(f"{path} does not hold a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise UserError(f"{path} has settings this version does not know: {unknown}")
+        raw.setdefault("dtype", "fp32")
+        paths = {k: Path(raw[k]) for k in ("cache", "out") if raw.get(k)}
+        return replace(cls(), **{**raw, **paths})
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _base_type(annotation: object) -> type:
+    """int for ``int`` and ``int | None``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation  # type: ignore[return-value]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per RunConfig field, with its type, default and help."""
+    defaults = RunConfig()
+    lam = ", ".join(
+        f"{name} {cls.default_sparsity_coeff:g}"
+        for name, cls in SAE_CLASSES.items()
+        if cls.default_sparsity_coeff is not None
+    )
+    for f in fields(RunConfig):
+        extra: dict = {}
+        help_text = f.metadata["help"]
+        if f.name == "arch":
+            extra["choices"] = list(SAE_CLASSES)
+        if f.name == "dtype":
+            extra["choices"] = list(DTYPES)
+        if f.name == "sparsity_coeff":
+            help_text = f"{help_text} ({lam})"
+        parser.add_argument(
+            f"--{_flag(f.name)}",
+            type=_base_type(f.type),
+            default=getattr(defaults, f.name),
+            help=help_text,
+            **extra,
+        )
+
+
+def from_namespace(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig of parsed arguments (other attributes of ``args`` are ignored)."""
+    return RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)})

@@ -1,0 +1,187 @@
+"""``run(cfg)``: the whole pipeline of one training run, as a function.
+
+Subject model (trained on first use if bundled) -> activation cache (built or reused) -> SAE
+training -> held-out evaluation with the SAE spliced in -> ``sae.safetensors`` + ``cfg.json`` +
+``metrics.json`` + ``density.png`` in the run directory. The command line
+(``python -m flashsae.train``) and the benchmark scripts call it; so can a notebook::
+
+    from flashsae.train import RunConfig, load_sae, run
+    metrics = run(RunConfig(arch="gated", tokens=1_000_000, out=Path("runs/gated")))
+    sae = load_sae("runs/gated")
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from flashsae.cache.build import build, cache_settings, default_cache_dir
+from flashsae.cache.errors import UserError
+from flashsae.cache.loader import ActivationLoader
+from flashsae.cache.shards import open_cache, site_stats
+from flashsae.cache.subjects import Subject, get_subject, pick_device
+
+from .checkpoint import save_sae
+from .config import RunConfig
+from .eval import evaluate
+from .metrics import METRIC_KEYS
+from .plots import density_histogram
+from .sae import SAE, input_scale, make_sae
+from .trainer import TrainConfig, train_sae
+from .wandb_log import RunLogger
+
+
+@dataclass
+class RunData:
+    """What a run trains and evaluates on: the subject model, its site, the cache."""
+
+    cfg: RunConfig  # with site and n_latents resolved
+    subject: Subject
+    model: torch.nn.Module
+    device: str
+    cache: Path
+    manifest: dict
+
+    def new_sae(self, cfg: RunConfig | None = None) -> SAE:
+        """A freshly initialised SAE of ``cfg`` (default: this run's) for this data, on the
+        run's device; weights are drawn from torch's global RNG."""
+        cfg = cfg or self.cfg
+        mean, mean_sq_norm = site_stats(self.manifest, cfg.site)
+        sae = make_sae(
+            cfg.arch,
+            cfg.n_latents,
+            mean,
+            mean_sq_norm,
+            k=cfg.k,
+            sparsity_coeff=cfg.sparsity_coeff,
+            site=cfg.site,
+            model=cfg.model,
+        )
+        return sae.to(self.device)
+
+    @property
+    def input_scale(self) -> float:
+        """The input scale of SAEs trained on this data (E||x||² = d)."""
+        return input_scale(self.subject.d_model, site_stats(self.manifest, self.cfg.site)[1])
+
+    def eval_sequences(self) -> torch.Tensor:
+        """The held-out token sequences the run is evaluated on."""
+        return self.subject.sequences(
+            "val", self.cfg.eval_tokens, self.cfg.seq_len, self.cfg.seed
+        ).tokens
+
+
+def resolved(cfg: RunConfig, subject: Subject) -> RunConfig:
+    """``cfg`` with the subject's default site and 16 x d_model latents filled in, checked."""
+    site = cfg.site or subject.default_site
+    subject.check_site(site)
+    cfg = replace(cfg, site=site, n_latents=cfg.n_latents or 16 * subject.d_model)
+    cfg.check()
+    return cfg
+
+
+def prepare(cfg: RunConfig, subject: Subject | None = None) -> RunData:
+    """Load the subject model (``subject``, or the one ``cfg.model`` names) and build (or reuse,
+    or open) the activation cache of ``cfg``. Seeds torch's RNG with ``cfg.seed`` first."""
+    cfg.check()
+    device = pick_device(cfg.device)
+    subject = subject or get_subject(cfg.model, cfg.seq_len)
+    cfg = resolved(cfg, subject)
+    torch.manual_seed(cfg.seed)
+    model = subject.load(device)
+    if cfg.cache is None:
+        settings = cache_settings(
+            subject,
+            [cfg.site],
+            cfg.text,
+            cfg.tokens,
+            cfg.seq_len,
+            cfg.seed,
+            text_field=cfg.text_field,
+        )
+        cache = default_cache_dir(settings)
+        print(f"activation cache: {cache}")
+        manifest = build(subject, model, settings, cache)
+    else:
+        if not cfg.cache.exists():
+            raise UserError(f"--cache {cfg.cache} does not exist; omit --cache to build one")
+        cache, manifest = cfg.cache, open_cache(cfg.cache, cfg.site)
+        if manifest["settings"]["d"] != subject.d_model:
+            raise UserError(
+                f"{cfg.cache} holds d={manifest['settings']['d']} activations; "
+                f"{cfg.model} has d_model={subject.d_model}"
+            )
+    return RunData(replace(cfg, cache=cache), subject, model, device, cache, manifest)
+
+
+def run_dir(cfg: RunConfig, resume: bool) -> tuple[Path, str]:
+    """(run directory, run name): ``cfg.out`` or ``runs/<name>``, name =
+    ``<arch>-<model>-<site>-<time>``; refused when it holds a finished run, or an unfinished one
+    that is not being resumed."""
+    name = f"{cfg.arch}-{cfg.model}-{cfg.site}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = cfg.out or Path("runs") / name.replace("/", "_")
+    if (out / "metrics.json").exists():
+        raise UserError(f"{out} already holds a finished run; choose another --out")
+    if not resume and (out / "train_state.pt").exists():
+        raise UserError(f"{out} holds an unfinished run; continue it with --resume {out}")
+    return out, name
+
+
+def resume_config(folder: Path) -> RunConfig:
+    """The config of the unfinished run in ``folder``."""
+    if not (folder / "train_state.pt").exists():
+        raise UserError(f"{folder} has no train_state.pt to resume from")
+    return replace(RunConfig.load(folder / "config.json"), out=folder)
+
+
+def run(cfg: RunConfig, resume: bool = False) -> dict:
+    """Train, evaluate and save one SAE; returns its ``metrics.json`` dict. With ``resume``,
+    continue the unfinished run in ``cfg.out`` (see ``resume_config``)."""
+    cfg.check()
+    subject = get_subject(cfg.model, cfg.seq_len)
+    out, name = run_dir(resolved(cfg, subject), resume)
+    data = prepare(cfg, subject)
+    cfg = replace(data.cfg, out=out)
+    sae = data.new_sae()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.to_json())
+    logger = RunLogger(out, json.loads(cfg.to_json()), name)
+    loader = ActivationLoader(
+        data.cache, cfg.site, cfg.batch_size, seed=cfg.seed, device=data.device
+    )
+    summary = train_sae(sae, loader, train_config(cfg, data.device), logger, out / "train_state.pt")
+
+    sae.eval()
+    results, freqs = evaluate(sae, data.model, data.eval_sequences())
+    metrics = {k: results[k] for k in METRIC_KEYS} | summary
+    save_sae(sae, out)
+    density_histogram(freqs, out / "density.png")
+    (out / "metrics.json.tmp").write_text(json.dumps(metrics, indent=2))
+    (out / "metrics.json.tmp").replace(out / "metrics.json")
+    step = summary["tokens"]
+    logger.log({f"metrics/{k}": v for k, v in results.items()}, step=step)
+    logger.log_histogram("sparsity/log10_firing_freq", freqs.clamp_min(1e-10).log10().numpy(), step)
+    logger.summary(metrics)
+    files = [out / "sae.safetensors", out / "cfg.json", out / "metrics.json"]
+    logger.log_artifact(f"sae-{cfg.arch}", files)
+    logger.finish()
+    print(json.dumps(metrics, indent=2))
+    print(f"run saved to {out}")
+    return metrics
+
+
+def train_config(cfg: RunConfig, device: str) -> TrainConfig:
+    """The trainer's settings for ``cfg`` on ``device`` (``dtype`` auto resolved)."""
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
+    return TrainConfig(
+        tokens=cfg.tokens,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        dead_window=cfg.dead_window,
+        checkpoint_every=cfg.checkpoint_every,
+        dtype=dtype,
+    )

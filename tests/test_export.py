@@ -15,8 +15,8 @@ from flashsae.train.export import (
     to_saelens,
 )
 from flashsae.train.sae import SAE_CLASSES, SAEConfig
-from flashsae.train.topk import TopKSAE
 from flashsae.train.synthetic import SyntheticActivations, SyntheticConfig, SyntheticStream
+from flashsae.train.topk import TopKSAE
 from flashsae.train.trainer import TrainConfig, train_sae
 from flashsae.train.wandb_log import RunLogger
 

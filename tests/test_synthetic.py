@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from flashsae.train.sae import SAEConfig
-from flashsae.train.topk import TopKSAE
 from flashsae.train.synthetic import (
     SyntheticActivations,
     SyntheticConfig,
@@ -14,6 +13,7 @@ from flashsae.train.synthetic import (
     firing_probabilities,
     mmcs,
 )
+from flashsae.train.topk import TopKSAE
 from flashsae.train.trainer import TrainConfig, train_sae
 from flashsae.train.wandb_log import RunLogger
 

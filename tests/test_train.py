@@ -98,9 +98,7 @@ class FakeRun:
 
 def test_wandb_names_steps_config_and_artifact(tmp_path, monkeypatch):
     runs = []
-    monkeypatch.setattr(
-        wandb, "init", lambda **kw: runs.append(FakeRun(**kw)) or runs[-1]
-    )
+    monkeypatch.setattr(wandb, "init", lambda **kw: runs.append(FakeRun(**kw)) or runs[-1])
     monkeypatch.setenv("WANDB_MODE", "offline")
     from flashsae.train.__main__ import main
 

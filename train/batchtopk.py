@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flashsae.kernels import batch_topk, sparse_decode, topk
+from flashsae.kernels import batch_topk
 
-from .sae import SAE, SAEConfig, SAELensLayout, normalized_mse, register
+from .sae import SAE, SAEConfig, SAELensLayout, auxk_loss, normalized_mse, register
 
 THRESHOLD_DECAY = 0.99
 MATRYOSHKA_FRACTIONS = (16, 8, 4, 2, 1)  # prefix m = n // fraction
@@ -58,18 +58,6 @@ class BatchTopKSAE(SAE):
         new = torch.where(theta > 0, theta + (1 - THRESHOLD_DECAY) * (m - theta), m)
         theta.copy_(torch.where(m > 0, new, theta))
 
-    def auxk(
-        self, z: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, dead_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """AuxK: normalized MSE of e = sg(x - x̂) from the k_aux largest dead pre-activations."""
-        dead = dead_mask.nonzero().squeeze(1)
-        k_live = min(self.cfg.k_aux, dead.numel())
-        if k_live == 0:
-            return torch.zeros((), device=x.device)
-        vals, slots = topk(z[:, dead].contiguous(), k_live)
-        e_hat = sparse_decode(vals, dead.int()[slots.long()], self.W_dec, torch.zeros_like(x[0]))
-        return normalized_mse((x - x_hat).detach(), e_hat)
-
     def reconstruction_loss(
         self, x: torch.Tensor, f: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -85,7 +73,10 @@ class BatchTopKSAE(SAE):
         f, min_kept = batch_topk(z, self.cfg.k)
         self.update_threshold(min_kept)
         rec, x_hat, extra = self.reconstruction_loss(x, f)
-        aux = self.auxk(z, x, x_hat, dead_mask)
+        aux = auxk_loss(
+            x - self.b_dec, (x - x_hat).detach(), self.W_enc, self.b_enc, self.W_dec,
+            dead_mask, self.cfg.k_aux, self.dead_budget, preacts=z,
+        )  # fmt: skip
         loss = rec + self.cfg.aux_alpha * aux
         parts = {"mse": normalized_mse(x, x_hat).detach(), "aux": aux.detach(), **extra}
         return loss, parts, (f > 0).any(0)

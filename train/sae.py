@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from flashsae.kernels import normalize_decoder_, remove_parallel_grad_
+from flashsae.kernels import normalize_decoder_, remove_parallel_grad_, sparse_decode, topk
 
 SPARSITY_WARMUP = 0.05  # λ rises linearly from 0 over this first fraction of training
 
@@ -65,6 +65,51 @@ def warmed_up(coeff: float, progress: float) -> float:
     return coeff * min(1.0, progress / SPARSITY_WARMUP)
 
 
+def dead_columns(dead_mask: torch.Tensor, budget: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cols [M] int64, dead [M] bool): latents to gather for AuxK, and which of them are dead.
+
+    ``budget`` None: exactly the dead latents (``nonzero``, a host sync). Otherwise M =
+    min(budget, n) columns, the dead ones first, with no host sync: the trainer sets the budget
+    from the dead count it reads on its logging steps, so the set is exact up to latents that
+    died or revived since then."""
+    if budget is None:
+        cols = dead_mask.nonzero().squeeze(1)
+        return cols, torch.ones_like(cols, dtype=torch.bool)
+    cols = torch.topk(dead_mask.float(), min(budget, dead_mask.numel()), sorted=False).indices
+    return cols, dead_mask[cols]
+
+
+def auxk_loss(
+    xc: torch.Tensor,
+    e: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    dead_mask: torch.Tensor,
+    k_aux: int,
+    budget: int | None,
+    preacts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): normalized MSE of reconstructing the detached residual ``e``
+    from the top-k_aux pre-activations among dead latents, ê = TopK(z_dead) W_dec[dead].
+
+    z_dead = xc W_enc[:, dead] + b_enc[dead] is one dense GEMM on the gathered dead columns
+    (or a gather from ``preacts`` [B, n] when the caller has them), so its backward is dense too,
+    and only real dead latents get slots: k_live = min(k_aux, M). 0 when no latent is dead."""
+    cols, dead = dead_columns(dead_mask, budget)
+    k_live = min(k_aux, cols.numel())
+    if k_live == 0:
+        return torch.zeros((), device=xc.device)
+    if preacts is None:
+        z = torch.addmm(b_enc[cols], xc, W_enc[:, cols])
+    else:
+        z = preacts[:, cols]
+    z = torch.where(dead, z, -torch.inf).contiguous()
+    vals, slots = topk(z, k_live)
+    e_hat = sparse_decode(vals, cols[slots.long()].int(), W_dec, torch.zeros_like(W_dec[0]))
+    return normalized_mse(e, e_hat) * dead.any()
+
+
 class SAE(nn.Module):
     """Base class: a unit-norm decoder shared by all architectures; subclasses add the encoder
     (``encode``) and the loss (``training_loss``), and may override the optimizer defaults.
@@ -80,6 +125,7 @@ class SAE(nn.Module):
     grad_clip: float | None = None
     lr_decay_frac: float = 0.2  # the learning rate decays linearly to 0 over this last fraction
     unit_norm_decoder: bool = True
+    dead_budget: int | None = None  # AuxK columns to gather (``dead_columns``); set by the trainer
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()

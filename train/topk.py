@@ -14,7 +14,7 @@ from torch import nn
 
 from flashsae.kernels import encode_topk, sparse_decode
 
-from .sae import SAE, SAEConfig, SAELensLayout, fired_latents, normalized_mse, register
+from .sae import SAE, SAEConfig, SAELensLayout, auxk_loss, fired_latents, normalized_mse, register
 
 
 @register("topk")
@@ -28,7 +28,7 @@ class TopKSAE(SAE):
 
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k latents per row: (values [B, k], int32 indices [B, k])."""
-        vals, idx, _, _ = encode_topk(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k)
+        vals, idx = encode_topk(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k)[:2]
         return vals, idx
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,18 +43,13 @@ class TopKSAE(SAE):
     def training_loss(
         self, x: torch.Tensor, dead_mask: torch.Tensor, progress: float
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        k_aux = self.cfg.k_aux
-        vals, idx, aux_vals, aux_idx = encode_topk(
-            x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, k_aux, dead_mask
-        )
+        vals, idx = self.encode_sparse(x)
         x_hat = sparse_decode(vals, idx, self.W_dec, self.b_dec)
         mse = normalized_mse(x, x_hat)
-        if k_aux:
-            e = (x - x_hat).detach()
-            e_hat = sparse_decode(aux_vals, aux_idx, self.W_dec, torch.zeros_like(self.b_dec))
-            aux = normalized_mse(e, e_hat) * dead_mask.any()
-        else:
-            aux = torch.zeros((), device=x.device)
+        aux = auxk_loss(
+            x - self.b_dec, (x - x_hat).detach(), self.W_enc, self.b_enc, self.W_dec,
+            dead_mask, self.cfg.k_aux, self.dead_budget,
+        )  # fmt: skip
         loss = mse + self.cfg.aux_alpha * aux
         parts = {"mse": mse.detach(), "aux": aux.detach()}
         return loss, parts, fired_latents(idx, vals, self.cfg.n_latents)

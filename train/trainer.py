@@ -50,6 +50,17 @@ def lr_at(step: int, steps: int, lr: float, decay_frac: float) -> float:
     return lr * min(1.0, (steps - step) / max(steps - decay_start, 1))
 
 
+def dead_latents(last_fired: torch.Tensor, seen: int, window: int) -> torch.Tensor:
+    """[n] bool: latents that have not fired in the last min(window, seen) tokens."""
+    return (seen - last_fired >= min(window, seen)) & (seen > 0)
+
+
+def aux_budget(n_dead: int) -> int:
+    """AuxK columns for ``n_dead`` dead latents: the next power of two (few distinct shapes,
+    so few kernel compiles), 0 for none."""
+    return 0 if n_dead == 0 else 1 << (n_dead - 1).bit_length()
+
+
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on ``device`` for ``dtype`` "bf16"; TF32 matmuls for "fp32" on CUDA."""
     if dtype == "bf16":
@@ -69,6 +80,7 @@ def save_state(
         "sae": sae.state_dict(),
         "opt": opt.state_dict(),
         "last_fired": last_fired,
+        "dead_budget": sae.dead_budget,
         "rng": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -82,6 +94,7 @@ def load_state(path: Path, sae: SAE, opt: torch.optim.Optimizer) -> tuple[int, t
     state = torch.load(path, map_location=sae.W_dec.device, weights_only=True)
     sae.load_state_dict(state["sae"])
     opt.load_state_dict(state["opt"])
+    sae.dead_budget = state.get("dead_budget")
     torch.set_rng_state(state["rng"].cpu())
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
@@ -106,6 +119,7 @@ def train_sae(
         sae.parameters(), lr=cfg.lr, betas=sae.adam_betas, fused=device.type == "cuda"
     )
     first, last_fired = 0, torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=device)
+    sae.dead_budget = 0  # no latent is dead before the first step
     if state_path is not None and state_path.exists():
         first, last_fired = load_state(state_path, sae, opt)
         print(f"resuming from {state_path} at step {first} of {steps}")
@@ -121,7 +135,7 @@ def train_sae(
     )
     for step in range(first, steps):
         seen = step * cfg.batch_size
-        dead = (seen - last_fired >= min(cfg.dead_window, seen)) & (seen > 0)
+        dead = dead_latents(last_fired, seen, cfg.dead_window)
         x = next(batches).float() * scale
         lr = lr_at(step, steps, cfg.lr, sae.lr_decay_frac)
         for group in opt.param_groups:
@@ -140,6 +154,8 @@ def train_sae(
         if state_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
             save_state(state_path, done, sae, opt, last_fired)
         if step % cfg.log_every == 0 or done == steps:  # the only host syncs of the loop
+            n_dead = int(dead_latents(last_fired, done * cfg.batch_size, cfg.dead_window).sum())
+            sae.dead_budget = aux_budget(n_dead)
             now = time.time()
             record = {
                 "losses/loss": loss.item(),

@@ -233,12 +233,16 @@ def main() -> None:
     )
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--dir", type=Path, default=None, help="scratch directory on the disk to test")
+    p.add_argument(
+        "--skip-capture", action="store_true", help="no capture row (needs no subject model)"
+    )
     args = p.parse_args()
     if args.feed_steps is None:
         args.feed_steps = 100 if args.device.startswith("cuda") else 3
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         work = Path(tmp)
-        results = [bench_capture(args, work), *bench_write_read(args, work), bench_feed(args, work)]
+        capture = [] if args.skip_capture else [bench_capture(args, work)]
+        results = [*capture, *bench_write_read(args, work), bench_feed(args, work)]
     env = environment()
     for r in results:
         r.update(env)

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-import wandb
 
 from flashsae.cache.bytelm import BOS, ByteLM, ByteLMConfig
 from flashsae.cache.errors import UserError
@@ -98,7 +97,9 @@ class FakeRun:
 
 def test_wandb_names_steps_config_and_artifact(tmp_path, monkeypatch):
     runs = []
-    monkeypatch.setattr(wandb, "init", lambda **kw: runs.append(FakeRun(**kw)) or runs[-1])
+    monkeypatch.setattr(
+        wandb_log._wandb(), "init", lambda **kw: runs.append(FakeRun(**kw)) or runs[-1]
+    )
     monkeypatch.setenv("WANDB_MODE", "offline")
     from flashsae.train.__main__ import main
 
@@ -124,7 +125,7 @@ def test_wandb_names_steps_config_and_artifact(tmp_path, monkeypatch):
 
 def test_disabled_wandb_still_writes_the_mirror(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setattr(wandb, "init", lambda **kw: pytest.fail("W&B was started"))
+    monkeypatch.setattr(wandb_log._wandb(), "init", lambda **kw: pytest.fail("W&B was started"))
     logger = wandb_log.RunLogger(tmp_path, {}, "x")
     logger.log({"losses/mse": 0.5}, step=10)
     logger.finish()

@@ -3,9 +3,12 @@
 from flashsae.train import RunConfig, load_sae, run
 """
 
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
-__version__ = version("flashsae")
+try:
+    __version__ = version("flashsae")
+except PackageNotFoundError:  # run from a source tree on the path (make gpu-check)
+    __version__ = "0+source"
 
 # The built-in architectures register themselves on import.
 from . import batchtopk, gated, jumprelu, relu, topk  # noqa: E402, F401

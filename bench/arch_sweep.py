@@ -31,8 +31,8 @@ from common import append_jsonl, environment
 
 from flashsae.cache.build import build, cache_settings, default_cache_dir
 from flashsae.cache.loader import ActivationLoader
+from flashsae.cache.models.subjects import get_subject
 from flashsae.cache.shards import site_stats
-from flashsae.cache.subjects import get_subject
 from flashsae.train.checkpoint import SAE_CLASSES
 from flashsae.train.eval import evaluate
 from flashsae.train.gated import GatedSAE, rescale_shift

@@ -30,10 +30,10 @@ import torch
 from common import append_jsonl, environment, print_table
 
 from flashsae.cache.build import cache_settings
-from flashsae.cache.capture import build_cache, capture
+from flashsae.cache.hooks import build_cache, capture
 from flashsae.cache.loader import ActivationLoader
+from flashsae.cache.models.subjects import get_subject
 from flashsae.cache.shards import ShardWriter
-from flashsae.cache.subjects import get_subject
 from flashsae.kernels.capture import row_stats
 from flashsae.train.sae import SAEConfig, TopKSAE
 from flashsae.train.trainer import TrainConfig, train_sae

@@ -6,9 +6,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from .bytelm import flashsae_home
-from .capture import build_cache
-from .subjects import Subject
+from .hooks import build_cache
+from .models.bytelm import flashsae_home
+from .models.subjects import Subject
 
 
 def cache_settings(

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 if TYPE_CHECKING:
-    from .capture import SitePoint
+    from ..hooks import SitePoint
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Layout:
         return len(model.get_submodule(self.layers))
 
     def site_point(self, model: nn.Module, layer: int, hook: str) -> SitePoint:
-        from .capture import SitePoint
+        from ..hooks import SitePoint
 
         n = self.n_layers(model)
         if layer >= n:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from flashsae.kernels.capture import compact_rows
 
 from .errors import UserError
-from .hf_layouts import hf_layout
+from .models.hf_layouts import hf_layout
 from .shards import ShardWriter
 from .text import Packed
 

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import UserError
+from ..errors import UserError
 
 BOS = 256  # token id prepended to every sequence; bytes are 0..255
 HELD_OUT_EVERY = 20  # one file in 20 is held out for validation

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from common import append_jsonl, environment, print_table
 
-from flashsae.cache.build import cache_settings
-from flashsae.cache.hooks import build_cache, capture
+from flashsae.cache.build import build_cache, cache_settings
+from flashsae.cache.hooks import capture
 from flashsae.cache.loader import ActivationLoader
 from flashsae.cache.models.subjects import get_subject
 from flashsae.cache.shards import ShardWriter

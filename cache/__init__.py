@@ -4,7 +4,8 @@
   their site layouts).
 - ``hooks``: sites resolved to modules; ``capture`` reads them, ``splice`` replaces them.
 - ``text``: text sources packed into token sequences.
-- ``build``: cache settings and building (resumable) a cache; ``python -m flashsae.cache``.
+- ``build``: cache settings and building (resumable) a cache.
+- ``__main__``: ``python -m flashsae.cache {build,info,verify}``.
 - ``shards``, ``shard_file``: the on-disk format; ``loader``: shuffled batches from it.
 - ``paths``: ``$FLASHSAE_HOME``; ``errors``: mistakes a user can fix.
 

@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 from common import append_jsonl, environment, print_table
 
-from flashsae.cache.build import cache_settings
-from flashsae.cache.capture import build_cache, capture
+from flashsae.cache.build import build_cache, cache_settings
+from flashsae.cache.hooks import capture
 from flashsae.cache.loader import ActivationLoader
+from flashsae.cache.models.subjects import get_subject
 from flashsae.cache.shards import ShardWriter
-from flashsae.cache.subjects import get_subject
 from flashsae.kernels.capture import row_stats
 from flashsae.train.sae import SAEConfig
 from flashsae.train.topk import TopKSAE

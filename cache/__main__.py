@@ -12,8 +12,8 @@ from tqdm.auto import tqdm
 
 from .build import build, cache_settings
 from .errors import UserError, report_errors
+from .models.subjects import get_subject, pick_device
 from .shards import DTYPES, load_shard, read_manifest
-from .subjects import get_subject, pick_device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .bytelm import split_files
 from .errors import UserError
+from .models.bytelm import split_files
 
 SAVED_DATASET_FILES = ("dataset_dict.json", "state.json")  # what save_to_disk leaves
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from flashsae.cache.bytelm import BOS, ByteLM, ByteLMConfig, corpus, stdlib_files, windows
-from flashsae.cache.capture import build_cache, capture, resolve_site, splice
+from flashsae.cache.build import build_cache
 from flashsae.cache.errors import UserError
+from flashsae.cache.hooks import capture, resolve_site, splice
+from flashsae.cache.models.bytelm import BOS, ByteLM, ByteLMConfig, corpus, stdlib_files, windows
 from flashsae.cache.shards import ShardWriter, load_shard
 from flashsae.cache.text import Packed
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from flashsae.cache.models.subjects import get_subject
 from flashsae.cache.shards import read_manifest
-from flashsae.cache.subjects import get_subject
 from flashsae.train.checkpoint import load_sae
 from flashsae.train.metrics import METRIC_KEYS
 from tests.helpers import run_cli

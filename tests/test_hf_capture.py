@@ -5,8 +5,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from flashsae.cache.capture import capture, resolve_site  # noqa: E402
 from flashsae.cache.errors import UserError  # noqa: E402
+from flashsae.cache.hooks import capture, resolve_site  # noqa: E402
 
 SMALL = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, vocab_size=97)
 LLAMA_LIKE = dict(SMALL, intermediate_size=64, num_key_value_heads=2, max_position_embeddings=64)
@@ -92,7 +92,7 @@ def save_tiny_gpt2_with_tokenizer(folder):
     """A random 2-layer GPT-2 and a 300-token byte-level BPE trained here, saved as on the hub."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from flashsae.cache.bytelm import split_files
+    from flashsae.cache.models.bytelm import split_files
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

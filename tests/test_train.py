@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from flashsae.cache.bytelm import BOS, ByteLM, ByteLMConfig
 from flashsae.cache.errors import UserError
 from flashsae.cache.loader import ActivationLoader
+from flashsae.cache.models.bytelm import BOS, ByteLM, ByteLMConfig
 from flashsae.cache.shards import ShardWriter
 from flashsae.train import wandb_log
 from flashsae.train.checkpoint import load_sae, save_sae

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from flashsae.cache.capture import capture, splice
 from flashsae.cache.errors import UserError, report_errors
+from flashsae.cache.hooks import capture, splice
 from flashsae.cache.loader import ActivationLoader
-from flashsae.cache.subjects import get_subject, pick_device
+from flashsae.cache.models.subjects import get_subject, pick_device
 
 from .checkpoint import load_sae
 from .metrics import METRIC_KEYS, ReconstructionStats, SpliceStats

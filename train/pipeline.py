@@ -22,8 +22,8 @@ import torch
 from flashsae.cache.build import build, cache_settings, default_cache_dir
 from flashsae.cache.errors import UserError
 from flashsae.cache.loader import ActivationLoader
+from flashsae.cache.models.subjects import Subject, get_subject, pick_device
 from flashsae.cache.shards import open_cache, site_stats
-from flashsae.cache.subjects import Subject, get_subject, pick_device
 
 from .checkpoint import save_sae
 from .config import RunConfig

@@ -20,14 +20,10 @@ resid_post of the last layer is taken before the final norm (unlike
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .errors import UserError
-
-if TYPE_CHECKING:
-    from .capture import SitePoint
+from ..errors import UserError
 
 
 @dataclass(frozen=True)
@@ -40,9 +36,8 @@ class Layout:
     def n_layers(self, model: nn.Module) -> int:
         return len(model.get_submodule(self.layers))
 
-    def site_point(self, model: nn.Module, layer: int, hook: str) -> SitePoint:
-        from .capture import SitePoint
-
+    def locate(self, model: nn.Module, layer: int, hook: str) -> tuple[nn.Module, str]:
+        """Where ``blocks.{layer}.hook_{hook}`` lives: ``(module, "output" | "input")``."""
         n = self.n_layers(model)
         if layer >= n:
             raise UserError(
@@ -55,18 +50,18 @@ class Layout:
         ):
             mid_norm = None
         if hook == "resid_pre":
-            return SitePoint(block, "input")
+            return block, "input"
         if hook == "resid_post":
-            return SitePoint(block)
+            return block, "output"
         if hook == "attn_out":
-            return SitePoint(block.get_submodule(self.attn_out))
+            return block.get_submodule(self.attn_out), "output"
         if hook == "mlp_out":
-            return SitePoint(block.get_submodule(self.mlp_out))
+            return block.get_submodule(self.mlp_out), "output"
         if mid_norm is None:
             raise UserError(
                 f"{type(model).__name__} has no resid_mid: attention and MLP run in parallel"
             )
-        return SitePoint(block.get_submodule(mid_norm), "input")
+        return block.get_submodule(mid_norm), "input"
 
 
 _LLAMA = Layout("model.layers", "self_attn", "mlp", "post_attention_layernorm")

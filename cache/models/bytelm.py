@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import UserError
+from ..errors import UserError
+from ..paths import flashsae_home
 
 BOS = 256  # token id prepended to every sequence; bytes are 0..255
 HELD_OUT_EVERY = 20  # one file in 20 is held out for validation
@@ -183,10 +184,6 @@ def train_bytelm(cfg: ByteLMConfig, device: str = "cpu") -> tuple[ByteLM, float]
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return model, held_out_loss(model, device=device)
-
-
-def flashsae_home() -> Path:
-    return Path(os.environ.get("FLASHSAE_HOME", Path.home() / ".cache" / "flashsae"))
 
 
 def load_bytelm(cfg: ByteLMConfig | None = None, device: str = "cpu") -> ByteLM:

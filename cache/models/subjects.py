@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import UserError
+from ..hooks import resolve_site
+from ..text import Packed, documents, pack
 from .bytelm import BOS, ByteLM, ByteLMConfig, load_bytelm
-from .capture import resolve_site
-from .errors import UserError
-from .text import Packed, documents, pack
 
 BYTELM_PRESETS = {
     "bytelm": ByteLMConfig(),

@@ -34,6 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 JSONL = ("topk.jsonl", "arch_bench.jsonl", "cache.jsonl")
 SMOKE_SHAPE = (8192, 768, 32768, 32)  # B, d, n, k
+TABLE_KEYS = (
+    "bench", "arch", "shape", "variant", "kernel", "median_ms", "tokens_per_s",
+    "ratio_vs_baseline", "measured_over_floor", "value", "baseline_value", "ratio", "unit",
+)  # fmt: skip
 
 
 def steps(python: str) -> list[tuple[str, list[str], int]]:
@@ -111,9 +115,7 @@ def markdown(status: list[dict], records: dict[str, list[dict]]) -> str:
     for name, rows in records.items():
         if not rows:
             continue
-        keys = [k for k in ("bench", "arch", "shape", "variant", "kernel", "median_ms",
-                            "tokens_per_s", "ratio_vs_baseline", "measured_over_floor",
-                            "value", "baseline_value", "ratio", "unit") if any(k in r for r in rows)]  # fmt: skip
+        keys = [k for k in TABLE_KEYS if any(k in r for r in rows)]
         lines += ["", f"### {name}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         for r in rows:
             cells = [_cell(r.get(k)) for k in keys]

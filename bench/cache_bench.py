@@ -34,7 +34,7 @@ from flashsae.cache.capture import build_cache, capture
 from flashsae.cache.loader import ActivationLoader
 from flashsae.cache.shards import ShardWriter
 from flashsae.cache.subjects import get_subject
-from flashsae.kernels.capture import row_stats
+from flashsae.kernels.capture_kernels import row_stats
 from flashsae.train.sae import SAEConfig, TopKSAE
 from flashsae.train.trainer import TrainConfig, train_sae
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from flashsae.kernels.capture import compact_rows
+from flashsae.kernels.capture_kernels import compact_rows
 
 from .errors import UserError
 from .hf_layouts import hf_layout

@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from flashsae.kernels.capture import compact_rows, compact_rows_reference, launch_compact_rows
+from flashsae.kernels.capture_kernels import (
+    compact_rows,
+    compact_rows_reference,
+    launch_compact_rows,
+)
 from tests.test_kernel_utils import DEVICE, poison_outputs, rel_err
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from flashsae.kernels import normalize_decoder_, remove_parallel_grad_
-from flashsae.kernels.decoder_norm import (
+from flashsae.kernels.decoder_norm_kernels import (
     launch_normalize_decoder,
     launch_remove_parallel_grad,
     normalize_decoder_reference,

@@ -1,15 +1,11 @@
-import importlib
 import math
 
 import pytest
 import torch
 
-from flashsae.kernels import encode_topk
-from flashsae.kernels.encode_topk import encode_topk_forward, encode_topk_reference
+from flashsae.kernels import encode_topk, encode_topk_kernels
+from flashsae.kernels.encode_topk_kernels import encode_topk_forward, encode_topk_reference
 from tests.test_kernel_utils import DEVICE, assert_rel, poison_outputs
-
-# the package attribute encode_topk is the function, so fetch the module itself
-encode_topk_module = importlib.import_module("flashsae.kernels.encode_topk")
 
 
 def _inputs(B, d, n, n_dead, dtype, device, shift=0.0):
@@ -101,11 +97,11 @@ def test_encode_topk_fp32(fn, B, d, n, k, k_aux, n_dead, shift):
 def test_encode_topk_large_k_chunked(monkeypatch):
     """k above MAX_FUSED_K (k_aux = d/2 in practice) computes z in row chunks."""
     calls = []
-    chunked = encode_topk_module._launch_chunked
-    monkeypatch.setattr(encode_topk_module, "MAX_FUSED_K", 4)
-    monkeypatch.setattr(encode_topk_module, "CHUNK_BYTES", 2 * 70 * 4)  # two rows per chunk
+    chunked = encode_topk_kernels._launch_chunked
+    monkeypatch.setattr(encode_topk_kernels, "MAX_FUSED_K", 4)
+    monkeypatch.setattr(encode_topk_kernels, "CHUNK_BYTES", 2 * 70 * 4)  # two rows per chunk
     monkeypatch.setattr(
-        encode_topk_module, "_launch_chunked", lambda *a: calls.append(1) or chunked(*a)
+        encode_topk_kernels, "_launch_chunked", lambda *a: calls.append(1) or chunked(*a)
     )
     _check(encode_topk, 5, 20, 70, 8, 6, 30, torch.float32, 1e-5)
     assert len(calls) == 2  # main and aux top-k

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from flashsae.kernels import gated
-from flashsae.kernels.gated import gated_forward, gated_reference
+from flashsae.kernels.gated_kernels import gated_forward, gated_reference
 from tests.test_kernel_utils import DEVICE, assert_rel, poison_outputs
 
 FNS = pytest.mark.parametrize("fn", [gated, gated_reference], ids=["kernel", "reference"])

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from flashsae.kernels import jumprelu
-from flashsae.kernels.jumprelu import jumprelu_forward, jumprelu_reference
+from flashsae.kernels.jumprelu_kernels import jumprelu_forward, jumprelu_reference
 from tests.test_kernel_utils import DEVICE, assert_rel, poison_outputs
 
 FNS = pytest.mark.parametrize("fn", [jumprelu, jumprelu_reference], ids=["kernel", "reference"])

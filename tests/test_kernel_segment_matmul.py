@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from flashsae.kernels.segment_matmul import segment_matmul, segment_matmul_reference
+from flashsae.kernels.segment_matmul_kernels import segment_matmul, segment_matmul_reference
 from tests.test_kernel_utils import DEVICE, assert_rel, poison_outputs
 
 

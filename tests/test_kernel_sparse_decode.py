@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from flashsae.kernels import sparse_decode
-from flashsae.kernels.sparse_decode import gather_sum, sparse_decode_reference
+from flashsae.kernels.sparse_decode_kernels import gather_sum, sparse_decode_reference
 from tests.test_kernel_utils import DEVICE, assert_rel, poison_outputs
 
 

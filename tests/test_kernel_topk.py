@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from flashsae.kernels import topk
-from flashsae.kernels.topk import topk_forward, topk_reference
+from flashsae.kernels.topk_kernels import topk_forward, topk_reference
 from tests.test_kernel_utils import DEVICE, poison_outputs
 
 

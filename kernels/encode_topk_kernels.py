@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .segment_matmul import segment_matmul
-from .sparse_decode import gather_sum
-from .topk import INT64_MIN, launch_topk, merge_topk, pack_keys, store_topk, topk_reference
+from .segment_matmul_kernels import segment_matmul
+from .sparse_decode_kernels import gather_sum
+from .topk_kernels import INT64_MIN, launch_topk, merge_topk, pack_keys, store_topk, topk_reference
 from .utils import (
     FLOAT_DTYPES,
     autocast_inputs,

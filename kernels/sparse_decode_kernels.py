@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .segment_matmul import segment_matmul
+from .segment_matmul_kernels import segment_matmul
 from .utils import FLOAT_DTYPES, autocast_inputs, check_same_device, check_tensor, use_triton
 
 

@@ -8,7 +8,7 @@ Gradient: dL/dz[b, indices[b, j]] = dL/dvalues[b, j] · 1[values[b, j] > 0], zer
 Forward kernel: each program streams BLOCK_M rows through tiles of BLOCK_N columns and keeps a
 running top-k of packed int64 keys (an order-preserving int32 image of the fp32 value in the high
 half, the column in the low half), so n need not be a power of two nor fit in registers.
-The key helpers are shared with the fused encoder (encode_topk.py).
+The key helpers are shared with the fused encoder (encode_topk_kernels.py).
 """
 
 import torch

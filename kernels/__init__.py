@@ -1,7 +1,10 @@
 """Triton kernels for sparse autoencoders, each with a plain-torch reference.
 
 CUDA tensors run Triton; CPU tensors run the torch reference, unless TRITON_INTERPRET=1.
-Each operation <op> lives in <op>_kernels.py.
+Each operation <op> lives in <op>_kernels.py: its @triton.jit kernels, ``_launch_<op>`` (an
+unchecked launch into preallocated outputs), ``<op>_forward`` / ``<op>_backward`` (checked
+launchers that validate shapes, dtypes and devices and allocate), ``<op>_reference`` (plain
+torch), ``<Op>Function`` (the autograd Function, where there is a gradient) and ``<op>``.
 """
 
 from .batch_topk_kernels import batch_topk

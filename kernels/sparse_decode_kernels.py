@@ -82,6 +82,11 @@ def _gather_dot_kernel(
     tl.store(out_ptr + row * K + slots, acc.to(out_ptr.dtype.element_ty), mask=slot_mask)
 
 
+def _blocks(k: int, d: int) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_D) of both kernels: up to 16 slots by 256 columns a step."""
+    return min(triton.next_power_of_2(k), 16), min(triton.next_power_of_2(d), 256)
+
+
 def _launch_gather_sum(
     values: torch.Tensor,
     indices: torch.Tensor,
@@ -92,8 +97,7 @@ def _launch_gather_sum(
     """Unchecked: out [B, d] = Σ_j values[:, j] · W[indices[:, j]] (+ bias)."""
     B, k = indices.shape
     d = W.shape[1]
-    block_d = min(triton.next_power_of_2(d), 256)
-    block_k = min(triton.next_power_of_2(k), 16)
+    block_k, block_d = _blocks(k, d)
     grid = (B, triton.cdiv(d, block_d))
     _gather_sum_kernel[grid](
         values, indices, W, W if bias is None else bias, out, k, d, HAS_BIAS=bias is not None,
@@ -107,8 +111,7 @@ def _launch_gather_dot(
     """Unchecked: out [B, k] = grad[b] · W[indices[b, j]]."""
     B, k = indices.shape
     d = W.shape[1]
-    block_k = min(triton.next_power_of_2(k), 16)
-    block_d = min(triton.next_power_of_2(d), 256)
+    block_k, block_d = _blocks(k, d)
     grid = (B, triton.cdiv(k, block_k))
     _gather_dot_kernel[grid](grad, indices, W, out, k, d, BLOCK_K=block_k, BLOCK_D=block_d)
 

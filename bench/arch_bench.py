@@ -32,9 +32,9 @@ from common import (
     start_gpu_bench,
 )
 
-from flashsae.kernels import gated, jumprelu
+from flashsae.kernels import BANDWIDTH, gated, jumprelu
 from flashsae.train.gated import GatedSAE
-from flashsae.train.jumprelu import BANDWIDTH, JumpReLUSAE
+from flashsae.train.jumprelu import JumpReLUSAE
 from flashsae.train.sae import SAEConfig
 
 SHAPES = [(768, 32768), (2048, 65536)]

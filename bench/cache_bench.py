@@ -34,7 +34,7 @@ from flashsae.cache.hooks import capture
 from flashsae.cache.loader import ActivationLoader
 from flashsae.cache.models.subjects import get_subject
 from flashsae.cache.shards import ShardWriter
-from flashsae.kernels.capture import row_stats
+from flashsae.kernels.capture_kernels import row_stats
 from flashsae.train.sae import SAEConfig
 from flashsae.train.topk import TopKSAE
 from flashsae.train.trainer import TrainConfig, train_sae

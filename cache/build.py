@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from flashsae.kernels.capture import compact_rows
+from flashsae.kernels.capture_kernels import compact_rows
 
 from .errors import UserError
 from .hooks import capture

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from flashsae.kernels.capture import row_stats
+from flashsae.kernels.capture_kernels import row_stats
 
 from .errors import UserError
 from .shard_file import file_sha256, map_shard, write_atomic, write_shard

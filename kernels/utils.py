@@ -23,7 +23,9 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Cast floating tensors to the autocast dtype when autocast is on for their device.
 
     Custom autograd Functions bypass autocast; casting before ``apply`` keeps the casts in the
-    autograd graph, so fp32 master weights receive fp32 gradients.
+    autograd graph, so fp32 master weights receive fp32 gradients. Every differentiable public
+    function calls it; the in-place decoder updates, compact_rows and segment_matmul do not (they
+    write in place or take an explicit dtype).
     """
     device_type = tensors[0].device.type
     if not torch.is_autocast_enabled(device_type):
@@ -64,12 +66,19 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"tensors must be on one device, got {listed}")
 
 
-def column_splits(B: int, n: int, block_m: int, block_n: int, device: torch.device) -> int:
-    """Row splits for a column-reduction kernel: about 4 programs per SM (2 when interpreting),
-    at most one per BLOCK_M rows."""
+def column_splits(
+    B: int, n: int, block_m: int, block_n: int, device: torch.device
+) -> tuple[int, int]:
+    """How a column-reduction kernel splits its B rows: (splits, rows_per_split).
+
+    Each program owns BLOCK_N columns and one split of rows_per_split rows (a multiple of
+    BLOCK_M), so splits × cdiv(n, BLOCK_N) programs run: about 4 per SM (2 per column block when
+    interpreting), at most one split per BLOCK_M rows, and no split is empty."""
     col_blocks = triton.cdiv(n, block_n)
     if is_interpreting():
         target = 2 * col_blocks
     else:
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(B, block_m), triton.cdiv(target, col_blocks)))
+    splits = max(1, min(triton.cdiv(B, block_m), triton.cdiv(target, col_blocks)))
+    rows_per_split = triton.cdiv(triton.cdiv(B, splits), block_m) * block_m
+    return triton.cdiv(B, rows_per_split), rows_per_split

@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from flashsae.kernels import BANDWIDTH
 from flashsae.train.batchtopk import THRESHOLD_DECAY, matryoshka_prefixes
 from flashsae.train.checkpoint import load_sae, save_sae
 from flashsae.train.gated import GatedSAE, rescale_shift
-from flashsae.train.jumprelu import BANDWIDTH, THRESHOLD_LR_SCALE, JumpReLUSAE
+from flashsae.train.jumprelu import THRESHOLD_LR_SCALE, JumpReLUSAE
 from flashsae.train.relu import ReLUSAE
 from flashsae.train.sae import SAE_CLASSES, SPARSITY_WARMUP, make_sae, normalized_mse
 from flashsae.train.synthetic import SyntheticActivations, SyntheticConfig

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from flashsae.kernels import batch_topk
-from tests.test_kernel_utils import DEVICE
+from tests.kernel_checks import DEVICE, topk_inputs
 
 
 def _check(z, k):
@@ -31,13 +31,7 @@ def _check(z, k):
     [("randn", 6, 50, 3), ("randn", 3, 20, 20), ("ties", 5, 40, 4), ("negative", 4, 30, 2)],
 )
 def test_batch_topk(kind, B, n, k):
-    if kind == "randn":
-        z = torch.randn(B, n, device=DEVICE)
-    elif kind == "ties":
-        z = torch.randint(-2, 3, (B, n), device=DEVICE).float()
-    else:
-        z = -(torch.rand(B, n, device=DEVICE) + 0.1)
-    _check(z, k)
+    _check(topk_inputs(kind, B, n), k)
 
 
 def test_batch_topk_rows_keep_different_counts():

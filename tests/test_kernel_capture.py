@@ -3,8 +3,12 @@
 import pytest
 import torch
 
-from flashsae.kernels.capture import compact_rows, compact_rows_reference, launch_compact_rows
-from tests.test_kernel_utils import DEVICE, poison_outputs, rel_err
+from flashsae.kernels.capture_kernels import (
+    compact_rows,
+    compact_rows_forward,
+    compact_rows_reference,
+)
+from tests.kernel_checks import DEVICE, poison_outputs, rel_err
 
 
 def inputs(n, d, p_keep, dtype=torch.float32, device=DEVICE):
@@ -22,7 +26,7 @@ def inputs(n, d, p_keep, dtype=torch.float32, device=DEVICE):
 def test_compact_rows(n, d, p_keep, out_dtype):
     h, keep = inputs(n, d, p_keep)
     with poison_outputs():
-        rows, total, sq = launch_compact_rows(h, keep, out_dtype)
+        rows, total, sq = compact_rows_forward(h, keep, out_dtype)
     ref_rows, ref_total, ref_sq = compact_rows_reference(h, keep, out_dtype)
     assert rows.dtype == out_dtype and rows.shape == ref_rows.shape
     torch.testing.assert_close(rows, ref_rows, rtol=0, atol=0)
@@ -41,21 +45,21 @@ def test_dispatch_and_checks():
     ):
         torch.testing.assert_close(got.double(), ref.double(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="keep"):
-        launch_compact_rows(h, keep[:5], torch.float32)
+        compact_rows_forward(h, keep[:5], torch.float32)
     with pytest.raises(ValueError, match="keep"):
-        launch_compact_rows(h, keep.int(), torch.float32)
+        compact_rows_forward(h, keep.int(), torch.float32)
     with pytest.raises(ValueError, match="contiguous"):
-        launch_compact_rows(h.t(), torch.ones(6, dtype=torch.bool), torch.float32)
+        compact_rows_forward(h.t(), torch.ones(6, dtype=torch.bool), torch.float32)
 
 
 def test_nan_rows_show_in_the_statistics_only_when_kept():
     h, keep = inputs(16, 8, 0.5)
     keep[3], keep[4] = True, False
     h[3, 2], h[4, 1] = float("nan"), float("inf")
-    _, total, sq = launch_compact_rows(h, keep, torch.float32)
+    _, total, sq = compact_rows_forward(h, keep, torch.float32)
     assert torch.isnan(total[2]) and torch.isfinite(total[1]) and torch.isnan(sq)
     keep[3] = False
-    _, total, sq = launch_compact_rows(h, keep, torch.float32)
+    _, total, sq = compact_rows_forward(h, keep, torch.float32)
     assert torch.isfinite(total).all() and torch.isfinite(sq)
 
 

@@ -2,13 +2,13 @@ import pytest
 import torch
 
 from flashsae.kernels import normalize_decoder_, remove_parallel_grad_
-from flashsae.kernels.decoder_norm import (
-    launch_normalize_decoder,
-    launch_remove_parallel_grad,
+from flashsae.kernels.decoder_norm_kernels import (
+    normalize_decoder_forward,
     normalize_decoder_reference,
+    remove_parallel_grad_forward,
     remove_parallel_grad_reference,
 )
-from tests.test_kernel_utils import DEVICE, assert_rel
+from tests.kernel_checks import DEVICE, assert_rel
 
 
 def _decoder(n, d, dtype, device):
@@ -75,9 +75,9 @@ def test_references_match_definitions():
 def test_decoder_norm_launcher_errors(W, grad, match):
     with pytest.raises(ValueError, match=match):
         if grad is None:
-            launch_normalize_decoder(W)
+            normalize_decoder_forward(W)
         else:
-            launch_remove_parallel_grad(W, grad)
+            remove_parallel_grad_forward(W, grad)
 
 
 @pytest.mark.gpu

@@ -1,15 +1,23 @@
-import importlib
 import math
 
 import pytest
 import torch
 
-from flashsae.kernels import encode_topk
-from flashsae.kernels.encode_topk import encode_topk_forward, encode_topk_reference
-from tests.test_kernel_utils import DEVICE, assert_rel, poison_outputs
+from flashsae.kernels import encode_topk, encode_topk_kernels
+from flashsae.kernels.encode_topk_kernels import encode_topk_forward, encode_topk_reference
+from tests.kernel_checks import (
+    DEVICE,
+    assert_distinct_indices,
+    assert_fp32_grads,
+    assert_grads,
+    assert_launcher_error,
+    assert_rel,
+    float64_leaves,
+    kernel_and_reference,
+    poison_outputs,
+)
 
-# the package attribute encode_topk is the function, so fetch the module itself
-encode_topk_module = importlib.import_module("flashsae.kernels.encode_topk")
+FNS = kernel_and_reference(encode_topk, encode_topk_reference)
 
 
 def _inputs(B, d, n, n_dead, dtype, device, shift=0.0):
@@ -40,10 +48,8 @@ def _preactivations(x, W_enc, b_enc, b_dec):
 def assert_valid_selection(z, values, indices, tol):
     """indices pick a top-k of z (entries within tol of the k-th may swap), values = ReLU(z)."""
     k = indices.shape[1]
-    idx = indices.long()
-    assert ((idx >= 0) & (idx < z.shape[1])).all(), "index out of range (unwritten?)"
-    assert (idx.sort(dim=1).values.diff(dim=1) > 0).all(), "repeated index in a row"
-    picked = z.gather(1, idx)
+    assert_distinct_indices(indices, z.shape[1])
+    picked = z.gather(1, indices.long())
     assert_rel(values, picked.relu(), tol, "values")
     gap = (picked.sort(dim=1, descending=True).values - z.topk(k, dim=1).values).abs().max()
     assert gap <= tol * z.abs().max(), f"not a top-k selection (gap {gap:.3e})"
@@ -74,16 +80,14 @@ def _check(fn, B, d, n, k, k_aux, n_dead, dtype, tol, device=DEVICE, shift=0.0):
     g, g_aux = torch.randn_like(values), torch.randn_like(aux_values)
     loss = (values.float() * g.float()).sum() + (aux_values.float() * g_aux.float()).sum()
     grads = torch.autograd.grad(loss, leaves)
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_leaves = float64_leaves(leaves)
     ref_values, ref_aux = _oracle(*ref_leaves, indices, aux_indices, k_live)
     ref_loss = (ref_values * g.double()).sum() + (ref_aux * g_aux.double()).sum()
     ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
-    for name, grad, ref in zip(("x", "W_enc", "b_enc", "b_dec"), grads, ref_grads, strict=True):
-        assert grad.dtype == dtype
-        assert_rel(grad, ref, tol, f"grad {name}")
+    assert_grads(("x", "W_enc", "b_enc", "b_dec"), grads, ref_grads, leaves, tol)
 
 
-@pytest.mark.parametrize("fn", [encode_topk, encode_topk_reference], ids=["kernel", "reference"])
+@FNS
 @pytest.mark.parametrize(
     "B, d, n, k, k_aux, n_dead, shift",
     [
@@ -101,17 +105,17 @@ def test_encode_topk_fp32(fn, B, d, n, k, k_aux, n_dead, shift):
 def test_encode_topk_large_k_chunked(monkeypatch):
     """k above MAX_FUSED_K (k_aux = d/2 in practice) computes z in row chunks."""
     calls = []
-    chunked = encode_topk_module._launch_chunked
-    monkeypatch.setattr(encode_topk_module, "MAX_FUSED_K", 4)
-    monkeypatch.setattr(encode_topk_module, "CHUNK_BYTES", 2 * 70 * 4)  # two rows per chunk
+    chunked = encode_topk_kernels._launch_chunked
+    monkeypatch.setattr(encode_topk_kernels, "MAX_FUSED_K", 4)
+    monkeypatch.setattr(encode_topk_kernels, "CHUNK_BYTES", 2 * 70 * 4)  # two rows per chunk
     monkeypatch.setattr(
-        encode_topk_module, "_launch_chunked", lambda *a: calls.append(1) or chunked(*a)
+        encode_topk_kernels, "_launch_chunked", lambda *a: calls.append(1) or chunked(*a)
     )
     _check(encode_topk, 5, 20, 70, 8, 6, 30, torch.float32, 1e-5)
     assert len(calls) == 2  # main and aux top-k
 
 
-@pytest.mark.parametrize("fn", [encode_topk, encode_topk_reference], ids=["kernel", "reference"])
+@FNS
 def test_aux_gradient_reaches_encoder(fn):
     """AuxK revives dead latents only if the gradient of aux_values reaches W_enc, b_enc, x and
     b_dec; an implementation that drops the aux pre-activation gradients fails here."""
@@ -125,7 +129,7 @@ def test_aux_gradient_reaches_encoder(fn):
     grads = torch.autograd.grad(aux_values.sum(), leaves, allow_unused=True)
     assert all(g is not None for g in grads), "aux outputs are not connected to the inputs"
 
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_leaves = float64_leaves(leaves)
     _, ref_aux = _oracle(*ref_leaves, indices, aux_indices, k_aux)
     ref_grads = torch.autograd.grad(ref_aux.sum(), ref_leaves)
     for name, grad, ref in zip(("x", "W_enc", "b_enc", "b_dec"), grads, ref_grads, strict=True):
@@ -159,11 +163,7 @@ def _args(B=4, d=6, n=10):
     ],
 )
 def test_encode_topk_launcher_errors(change, match):
-    args = _args()
-    for name, fn in change.items():
-        args[name] = fn(args[name])
-    with pytest.raises(ValueError, match=match):
-        encode_topk_forward(**args)
+    assert_launcher_error(encode_topk_forward, _args(), change, match)
 
 
 @pytest.mark.gpu
@@ -190,5 +190,4 @@ def test_encode_topk_gpu_autocast():
         values, _, aux_values, _ = encode_topk(x, W_enc, b_enc, b_dec, 32, 64, dead_mask)
     assert values.dtype == aux_values.dtype == torch.bfloat16
     (values.float().sum() + aux_values.float().sum()).backward()
-    for t in (W_enc, b_enc, b_dec):
-        assert t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all()
+    assert_fp32_grads(W_enc, b_enc, b_dec)

@@ -2,10 +2,19 @@ import pytest
 import torch
 
 from flashsae.kernels import gated
-from flashsae.kernels.gated import gated_forward, gated_reference
-from tests.test_kernel_utils import DEVICE, assert_rel, poison_outputs
+from flashsae.kernels.gated_kernels import gated_backward, gated_forward, gated_reference
+from tests.kernel_checks import (
+    DEVICE,
+    assert_fp32_grads,
+    assert_grads,
+    assert_launcher_error,
+    assert_rel,
+    float64_leaves,
+    kernel_and_reference,
+    poison_outputs,
+)
 
-FNS = pytest.mark.parametrize("fn", [gated, gated_reference], ids=["kernel", "reference"])
+FNS = kernel_and_reference(gated, gated_reference)
 
 
 def _oracle(pre, b_gate, r_mag, b_mag):
@@ -30,7 +39,7 @@ def _check(fn, B, n, dtype, tol, frozen_pre=False, device=DEVICE):
         f, g = fn(*leaves)
     assert f.shape == g.shape == (B, n) and f.dtype == g.dtype == dtype
 
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_leaves = float64_leaves(leaves)
     ref_f, ref_g = _oracle(*ref_leaves)
     assert_rel(f.detach(), ref_f.detach(), tol, "f")
     assert_rel(g.detach(), ref_g.detach(), tol, "g")
@@ -44,9 +53,7 @@ def _check(fn, B, n, dtype, tol, frozen_pre=False, device=DEVICE):
     ref_loss = (ref_f * g_f.double()).sum() + (ref_g * g_g.double()).sum()
     ref_grads = torch.autograd.grad(ref_loss, ref_leaves[1:] if frozen_pre else ref_leaves)
     names = ("pre", "b_gate", "r_mag", "b_mag")[1 if frozen_pre else 0 :]
-    for name, grad, ref, leaf in zip(names, grads, ref_grads, wanted, strict=True):
-        assert grad.dtype == leaf.dtype
-        assert_rel(grad, ref, tol, f"grad {name}")
+    assert_grads(names, grads, ref_grads, wanted, tol)
 
 
 @FNS
@@ -86,11 +93,20 @@ def _args(B=4, n=10):
     ],
 )
 def test_gated_launcher_errors(change, match):
-    args = _args()
-    for name, fn in change.items():
-        args[name] = fn(args[name])
-    with pytest.raises(ValueError, match=match):
-        gated_forward(**args)
+    assert_launcher_error(gated_forward, _args(), change, match)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"grad_f": lambda t: t[:3]}, r"grad_f must have shape \[B=4, n=10\]"),
+        ({"grad_g": lambda t: t.double()}, "grad_g must have dtype"),
+        ({"b_mag": lambda t: t[:9]}, r"b_mag must have shape \[n=10\]"),
+    ],
+)
+def test_gated_backward_launcher_errors(change, match):
+    args = {**_args(), "grad_f": torch.randn(4, 10), "grad_g": torch.randn(4, 10), "need_pre": True}
+    assert_launcher_error(gated_backward, args, change, match)
 
 
 @pytest.mark.gpu
@@ -110,5 +126,4 @@ def test_gated_gpu_autocast():
         f, g = gated(x @ W_enc, *vectors)
     assert f.dtype == g.dtype == torch.bfloat16
     (f.float().square().sum() + g.float().sum()).backward()
-    for t in (W_enc, *vectors):
-        assert t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all()
+    assert_fp32_grads(W_enc, *vectors)

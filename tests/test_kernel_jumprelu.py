@@ -2,10 +2,22 @@ import pytest
 import torch
 
 from flashsae.kernels import jumprelu
-from flashsae.kernels.jumprelu import jumprelu_forward, jumprelu_reference
-from tests.test_kernel_utils import DEVICE, assert_rel, poison_outputs
+from flashsae.kernels.jumprelu_kernels import (
+    jumprelu_backward,
+    jumprelu_forward,
+    jumprelu_reference,
+)
+from tests.kernel_checks import (
+    DEVICE,
+    assert_fp32_grads,
+    assert_grads,
+    assert_launcher_error,
+    assert_rel,
+    kernel_and_reference,
+    poison_outputs,
+)
 
-FNS = pytest.mark.parametrize("fn", [jumprelu, jumprelu_reference], ids=["kernel", "reference"])
+FNS = kernel_and_reference(jumprelu, jumprelu_reference)
 
 
 def _oracle(pre, b_enc, theta, g_f, g_l0, eps):
@@ -35,9 +47,7 @@ def _check(fn, B, n, dtype, tol, eps, device=DEVICE):
     window = ((pre.double() + b_enc.double() - theta.double()).abs() < eps / 2).sum()
     assert window > 0, "no pre-activation inside the rectangle: the θ gradient is untested"
     grads = torch.autograd.grad((f.float() * g_f.float()).sum() + (l0 * g_l0).sum(), leaves)
-    for name, grad, ref, leaf in zip(("pre", "b_enc", "θ"), grads, ref_grads, leaves, strict=True):
-        assert grad.dtype == leaf.dtype
-        assert_rel(grad, ref, tol, f"grad {name}")
+    assert_grads(("pre", "b_enc", "θ"), grads, ref_grads, leaves, tol)
 
 
 @FNS
@@ -90,11 +100,20 @@ def _args(B=4, n=10):
     ],
 )
 def test_jumprelu_launcher_errors(change, match):
-    args = _args()
-    for name, fn in change.items():
-        args[name] = fn(args[name])
-    with pytest.raises(ValueError, match=match):
-        jumprelu_forward(**args)
+    assert_launcher_error(jumprelu_forward, _args(), change, match)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"grad_f": lambda t: t[:, :9]}, r"grad_f must have shape \[B=4, n=10\]"),
+        ({"grad_l0": lambda t: t[:3]}, r"grad_l0 must have shape \[B=4\]"),
+        ({"threshold": lambda t: t.int()}, "threshold must have dtype"),
+    ],
+)
+def test_jumprelu_backward_launcher_errors(change, match):
+    args = {**_args(), "grad_f": torch.randn(4, 10), "grad_l0": torch.randn(4), "bandwidth": 0.1}
+    assert_launcher_error(jumprelu_backward, args, change, match)
 
 
 @pytest.mark.gpu
@@ -115,6 +134,5 @@ def test_jumprelu_gpu_autocast():
         f, l0 = jumprelu(x @ W_enc, b_enc, log_theta.exp(), 0.05)
     assert f.dtype == torch.bfloat16 and l0.dtype == torch.float32
     (f.float().square().sum() + l0.sum()).backward()
-    for t in (W_enc, b_enc, log_theta):
-        assert t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all()
+    assert_fp32_grads(W_enc, b_enc, log_theta)
     assert (log_theta.grad != 0).any()

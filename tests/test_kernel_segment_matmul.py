@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from flashsae.kernels.segment_matmul import segment_matmul, segment_matmul_reference
-from tests.test_kernel_utils import DEVICE, assert_rel, poison_outputs
+from flashsae.kernels.segment_matmul_kernels import segment_matmul, segment_matmul_reference
+from tests.kernel_checks import DEVICE, assert_rel, poison_outputs
 
 
 @pytest.mark.parametrize(
@@ -46,3 +46,19 @@ def test_segment_matmul_without_colsum():
 def test_segment_matmul_errors(coef, indices, x, match):
     with pytest.raises(ValueError, match=match):
         segment_matmul(coef, indices, x, 5, torch.float32)
+
+
+def test_segment_matmul_cpu_path_without_interpreter(monkeypatch):
+    """CPU tensors without the interpreter take the reference, cast and laid out as asked."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    coef, x = torch.randn(6, 2), torch.randn(6, 3)
+    indices = torch.randint(0, 5, (6, 2), dtype=torch.int32)
+    out, colsum = segment_matmul(
+        coef, indices, x, 5, torch.float16, transpose_out=True, with_colsum=True
+    )
+    assert out.shape == (3, 5) and out.is_contiguous()
+    assert out.dtype == colsum.dtype == torch.float16
+    ref, ref_colsum = segment_matmul_reference(coef, indices, x, 5)
+    assert_rel(out, ref.T, 1e-3, "out")
+    assert_rel(colsum, ref_colsum, 1e-3, "colsum")
+    assert segment_matmul(coef, indices, x, 5, torch.float32)[1] is None

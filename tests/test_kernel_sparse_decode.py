@@ -2,8 +2,19 @@ import pytest
 import torch
 
 from flashsae.kernels import sparse_decode
-from flashsae.kernels.sparse_decode import gather_sum, sparse_decode_reference
-from tests.test_kernel_utils import DEVICE, assert_rel, poison_outputs
+from flashsae.kernels.sparse_decode_kernels import (
+    sparse_decode_backward,
+    sparse_decode_forward,
+    sparse_decode_reference,
+)
+from tests.kernel_checks import (
+    DEVICE,
+    assert_fp32_grads,
+    assert_grads,
+    assert_launcher_error,
+    assert_rel,
+    poison_outputs,
+)
 
 
 def _inputs(B, k, n, d, dtype, device=DEVICE):
@@ -18,23 +29,21 @@ def _run(fn, values, indices, W_dec, b_dec, grad_out):
     leaves = [t.detach().requires_grad_() for t in (values, W_dec, b_dec)]
     out = fn(leaves[0], indices, leaves[1], leaves[2])
     grads = torch.autograd.grad(out, leaves, grad_out)
-    return out.detach(), grads
+    return out.detach(), grads, leaves
 
 
 def _check(B, k, n, d, dtype, tol, device=DEVICE):
     values, indices, W_dec, b_dec = _inputs(B, k, n, d, dtype, device)
     grad_out = torch.randn(B, d, device=device, dtype=dtype)
     with poison_outputs():
-        out, grads = _run(sparse_decode, values, indices, W_dec, b_dec, grad_out)
-    ref_out, ref_grads = _run(
+        out, grads, leaves = _run(sparse_decode, values, indices, W_dec, b_dec, grad_out)
+    ref_out, ref_grads, _ = _run(
         sparse_decode_reference, values.double(), indices, W_dec.double(), b_dec.double(),
         grad_out.double(),
     )  # fmt: skip
     assert out.dtype == dtype
     assert_rel(out, ref_out, tol, "x_hat")
-    for name, grad, ref in zip(("values", "W_dec", "b_dec"), grads, ref_grads, strict=True):
-        assert grad.dtype == dtype
-        assert_rel(grad, ref, tol, f"grad {name}")
+    assert_grads(("values", "W_dec", "b_dec"), grads, ref_grads, leaves, tol)
 
 
 @pytest.mark.parametrize(
@@ -49,15 +58,15 @@ def test_sparse_decode_fp32(B, k, n, d):
     _check(B, k, n, d, torch.float32, 1e-5)
 
 
-def test_gather_sum_mixed_dtypes_without_bias():
+def test_sparse_decode_forward_mixed_dtypes_without_bias():
     """The encoder backward's use: fp32 coefficients, another weight dtype, no bias."""
     values, indices, W, _ = _inputs(4, 3, 10, 6, torch.float32)
     with poison_outputs():
-        out = gather_sum(values, indices, W.half(), None, torch.float32)
+        out = sparse_decode_forward(values, indices, W.half(), None, torch.float32)
     ref = torch.nn.functional.embedding_bag(
         indices.long(), W.half().double(), per_sample_weights=values.double(), mode="sum"
     )
-    assert_rel(out, ref, 1e-6, "gather_sum")
+    assert_rel(out, ref, 1e-6, "sparse_decode_forward")
 
 
 @pytest.mark.parametrize(
@@ -74,10 +83,24 @@ def test_gather_sum_mixed_dtypes_without_bias():
 def test_sparse_decode_launcher_errors(change, match):
     names = ("values", "indices", "W_dec", "b_dec")
     args = dict(zip(names, _inputs(4, 3, 10, 6, torch.float32), strict=True))
-    for name, fn in change.items():
-        args[name] = fn(args[name])
-    with pytest.raises(ValueError, match=match):
-        gather_sum(args["values"], args["indices"], args["W_dec"], args["b_dec"], torch.float32)
+    assert_launcher_error(
+        sparse_decode_forward, {**args, "out_dtype": torch.float32}, change, match
+    )
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"grad_out": lambda t: t[:, :5]}, r"grad_out must have shape \[B=4, d=6\]"),
+        ({"grad_out": lambda t: t.int()}, "grad_out must have dtype"),
+        ({"indices": lambda t: t.long()}, "indices must have dtype int32"),
+    ],
+)
+def test_sparse_decode_backward_launcher_errors(change, match):
+    values, indices, W_dec, _ = _inputs(4, 3, 10, 6, torch.float32)
+    args = {"grad_out": torch.randn(4, 6), "values": values, "indices": indices, "W_dec": W_dec,
+            "needs_input_grad": (True, False, True, True)}  # fmt: skip
+    assert_launcher_error(sparse_decode_backward, args, change, match)
 
 
 @pytest.mark.gpu
@@ -95,4 +118,4 @@ def test_sparse_decode_gpu_autocast():
         out = sparse_decode(values, indices, W_dec, b_dec)
     assert out.dtype == torch.bfloat16
     out.float().square().sum().backward()
-    assert W_dec.grad.dtype == torch.float32 and torch.isfinite(W_dec.grad).all()
+    assert_fp32_grads(W_dec)

@@ -2,8 +2,13 @@ import pytest
 import torch
 
 from flashsae.kernels import topk
-from flashsae.kernels.topk import topk_forward, topk_reference
-from tests.test_kernel_utils import DEVICE, poison_outputs
+from flashsae.kernels.topk_kernels import topk_forward, topk_reference
+from tests.kernel_checks import (
+    assert_distinct_indices,
+    assert_fp32_grads,
+    poison_outputs,
+    topk_inputs,
+)
 
 
 def assert_valid_topk(z: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor):
@@ -11,10 +16,8 @@ def assert_valid_topk(z: torch.Tensor, k: int, values: torch.Tensor, indices: to
     B, n = z.shape
     assert values.shape == (B, k) and indices.shape == (B, k)
     assert values.dtype == z.dtype and indices.dtype == torch.int32
-    idx = indices.long()
-    assert ((idx >= 0) & (idx < n)).all(), "index out of range (unwritten?)"
-    assert (idx.sort(dim=1).values.diff(dim=1) > 0).all(), "repeated index in a row"
-    picked = z.gather(1, idx)
+    assert_distinct_indices(indices, n)
+    picked = z.gather(1, indices.long())
     torch.testing.assert_close(values, picked.relu(), rtol=0, atol=0)
     expected = torch.topk(z, k, dim=1).values
     torch.testing.assert_close(picked.sort(dim=1, descending=True).values, expected, rtol=0, atol=0)
@@ -24,14 +27,6 @@ def assert_valid_topk(z: torch.Tensor, k: int, values: torch.Tensor, indices: to
 def expected_grad(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, g: torch.Tensor):
     """dL/dz for the selection the kernel made: g where the value is positive, scattered."""
     return torch.zeros_like(z).scatter(1, indices.long(), torch.where(values > 0, g, 0))
-
-
-def _inputs(kind: str, B: int, n: int) -> torch.Tensor:
-    if kind == "randn":
-        return torch.randn(B, n, device=DEVICE)
-    if kind == "negative":
-        return -(torch.rand(B, n, device=DEVICE) + 0.1)
-    return torch.randint(-2, 3, (B, n), device=DEVICE).float()  # heavy ties
 
 
 def run_and_check_topk(z, k):
@@ -56,7 +51,7 @@ def run_and_check_topk(z, k):
     ],
 )
 def test_topk_forward_backward(kind, B, n, k):
-    z = _inputs(kind, B, n).requires_grad_()
+    z = topk_inputs(kind, B, n).requires_grad_()
     values, indices, g, grad = run_and_check_topk(z, k)
     if kind != "ties":  # a unique selection: the reference must agree exactly
         ref_values, ref_indices = topk_reference(z, k)
@@ -89,3 +84,17 @@ def test_topk_launcher_errors(z, k, match):
 @pytest.mark.parametrize("B, n, k", [(4096, 32768, 32), (1024, 131072, 64), (64, 3000, 3000)])
 def test_topk_gpu(dtype, B, n, k):
     run_and_check_topk(torch.randn(B, n, device="cuda", dtype=dtype, requires_grad=True), k)
+
+
+@pytest.mark.gpu
+def test_topk_gpu_autocast():
+    """fp32 pre-activations under bf16 autocast: the bf16 top-k, and an fp32 gradient."""
+    z = torch.randn(4096, 32768, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        values, indices = topk(z, 32)
+    ref_values, ref_indices = topk(z.detach().bfloat16(), 32)
+    assert values.dtype == torch.bfloat16
+    torch.testing.assert_close(values, ref_values, rtol=0, atol=0)
+    assert torch.equal(indices, ref_indices)
+    values.float().sum().backward()
+    assert_fp32_grads(z)

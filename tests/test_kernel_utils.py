@@ -1,53 +1,19 @@
-"""Shared helpers for the kernel tests (imported by the other test_kernel_* files) and tests of
-kernels/utils.py: dispatch, autocast casting, input checks."""
-
-import contextlib
-from unittest import mock
+"""kernels/utils.py: dispatch, autocast casting (in every differentiable public function),
+input checks, grid splits."""
 
 import pytest
 import torch
 
-from flashsae.kernels import encode_topk, sparse_decode, topk
-from flashsae.kernels.utils import autocast_inputs, check_tensor, use_triton
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-# Written into every tensor a launcher allocates with torch.empty, so that any element a kernel
-# fails to write shows up: NaN for floats, an out-of-range index for int32, a key that would win
-# every top-k for int64.
-_POISON_INT = {torch.int32: 2**30, torch.int64: 2**62}
-_real_empty = torch.empty
-
-
-def _poisoned_empty(*args, **kwargs):
-    t = _real_empty(*args, **kwargs)
-    if t.is_floating_point():
-        t.fill_(float("nan"))
-    elif t.dtype in _POISON_INT:
-        t.fill_(_POISON_INT[t.dtype])
-    return t
-
-
-@contextlib.contextmanager
-def poison_outputs():
-    """Make torch.empty return poisoned tensors inside the block."""
-    with mock.patch.object(torch, "empty", _poisoned_empty):
-        yield
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (the absolute error when ref is zero)."""
-    out, ref = out.double(), ref.double()
-    diff = torch.linalg.vector_norm(out - ref).item()
-    scale = torch.linalg.vector_norm(ref).item()
-    return diff / scale if scale > 0 else diff
-
-
-def assert_rel(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str) -> None:
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten output?)"
-    err = rel_err(out, ref)
-    assert err < tol, f"{name}: relative error {err:.3e} >= {tol:.1e}"
+from flashsae.kernels import (
+    batch_topk,
+    encode_topk,
+    gated,
+    jumprelu,
+    sparse_decode,
+    topk,
+)
+from flashsae.kernels.utils import autocast_inputs, check_tensor, column_splits, use_triton
+from tests.kernel_checks import DEVICE, assert_fp32_grads
 
 
 def test_use_triton_follows_interpreter_flag(monkeypatch):
@@ -104,3 +70,75 @@ def test_autocast_inputs_casts_floats_only():
 def test_check_tensor_messages(t, match):
     with pytest.raises(ValueError, match=match):
         check_tensor("W", t, (4, None), (torch.float32, torch.bfloat16, torch.float16), "[n, d]")
+
+
+@pytest.mark.parametrize(
+    "B, n, block_m, block_n",
+    [(1, 10, 4, 32), (5, 200, 4, 32), (9, 200, 4, 32), (100, 32, 4, 32), (37, 70, 16, 32)],
+)
+def test_column_splits_cover_every_row_once(B, n, block_m, block_n):
+    splits, rows_per_split = column_splits(B, n, block_m, block_n, torch.device(DEVICE))
+    assert rows_per_split % block_m == 0
+    assert (splits - 1) * rows_per_split < B <= splits * rows_per_split  # no empty split
+    assert 1 <= splits <= -(-B // block_m)
+    if not torch.cuda.is_available():  # the interpreter: two splits per column block at most
+        assert splits == min(2, -(-B // block_m))
+
+
+# Autocast on the CPU (under the interpreter) takes float16: the interpreter rounds bf16 wrongly.
+AUTOCAST_DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+
+
+def _autocast_case(name):
+    """(function of the float inputs returning its main float output, the inputs, which inputs
+    the function casts): the [n] vectors of gated and jumprelu keep their dtype."""
+    B, d, n, k = 3, 8, 40, 4
+    idx = torch.randint(0, n, (B, k), device=DEVICE, dtype=torch.int32)
+
+    def r(*shape):
+        return torch.randn(*shape, device=DEVICE)
+
+    return {
+        "topk": (lambda z: topk(z, k)[0], [r(B, n)], [True]),
+        "batch_topk": (lambda z: batch_topk(z, k)[0], [r(B, n)], [True]),
+        "encode_topk": (
+            lambda *t: encode_topk(*t, k)[0],
+            [r(B, d), r(d, n), r(n), r(d)],
+            [True] * 4,
+        ),
+        "gated": (lambda *t: gated(*t)[0], [r(B, n), r(n), r(n), r(n)], [True] + [False] * 3),
+        "jumprelu": (
+            lambda *t: jumprelu(*t, 0.5)[0],
+            [r(B, n), r(n), r(n).abs() + 0.1],
+            [True, False, False],
+        ),
+        "sparse_decode": (
+            lambda v, W, b: sparse_decode(v, idx, W, b),
+            [r(B, k), r(n, d), r(d)],
+            [True] * 3,
+        ),
+    }[name]
+
+
+@pytest.mark.parametrize(
+    "name", ["topk", "batch_topk", "encode_topk", "gated", "jumprelu", "sparse_decode"]
+)
+def test_public_functions_cast_under_autocast(name):
+    """fp32 inputs under autocast give the output of the autocast-dtype inputs, and fp32
+    gradients (the cast is in the autograd graph)."""
+    if not use_triton(torch.zeros(1, device=DEVICE)):
+        pytest.skip("needs the interpreter or CUDA")
+    fn, inputs, cast = _autocast_case(name)
+    leaves = [t.requires_grad_() for t in inputs]
+    with torch.autocast(DEVICE, dtype=AUTOCAST_DTYPE):
+        out = fn(*leaves)
+    assert out.dtype == AUTOCAST_DTYPE
+    expected = fn(
+        *(
+            t.detach().to(AUTOCAST_DTYPE) if c else t.detach()
+            for t, c in zip(leaves, cast, strict=True)
+        )
+    )
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.float().square().sum().backward()
+    assert_fp32_grads(*leaves)

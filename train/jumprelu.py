@@ -27,12 +27,11 @@ import math
 import torch
 from torch import nn
 
-from flashsae.kernels import jumprelu
+from flashsae.kernels import BANDWIDTH, jumprelu
 
 from .sae import SAE, SAEConfig, SAELensLayout, register, warmed_up
 
 THRESHOLD_INIT = 1e-3
-BANDWIDTH = 1e-3
 THRESHOLD_LR_SCALE = 16.0  # c in θ = exp(c · theta_param)
 
 

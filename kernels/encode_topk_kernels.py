@@ -16,7 +16,7 @@ running top-k no longer fits in registers, and z is materialised in row chunks i
 
 Backward is sparse: with g the pre-activation gradients of the k + k_aux selected slots per
 row (dL/dvalue · 1[value > 0]),
-    grad x[b]        = Σ_j g[b, j] W_enc[:, idx[b, j]]   (gather_sum, on a transposed W_enc copy)
+    grad x[b]        = Σ_j g[b, j] W_enc[:, idx[b, j]]   (sparse_decode_forward on a W_encᵀ copy)
     grad W_enc[:, i] = Σ_{(b, j): idx[b, j] = i} g[b, j] (x[b] - b_dec)   (segment_matmul)
     grad b_enc[i]    = Σ_{(b, j): idx[b, j] = i} g[b, j]                  (same kernel)
     grad b_dec       = -Σ_b grad x[b].
@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .segment_matmul import segment_matmul
-from .sparse_decode import gather_sum
-from .topk import INT64_MIN, launch_topk, merge_topk, pack_keys, store_topk, topk_reference
+from .segment_matmul_kernels import segment_matmul
+from .sparse_decode_kernels import sparse_decode_forward
+from .topk_kernels import INT64_MIN, _launch_topk, merge_topk, pack_keys, store_topk, topk_reference
 from .utils import (
     FLOAT_DTYPES,
     autocast_inputs,
@@ -149,7 +149,7 @@ def _launch_encode_topk(
         num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:
-        launch_topk(keys, k, values, indices, is_keys=True)
+        _launch_topk(keys, k, values, indices, is_keys=True)
 
 
 def _launch_chunked(
@@ -168,7 +168,7 @@ def _launch_chunked(
     for r0 in range(0, B, chunk):
         xc = (x[r0 : r0 + chunk].float() - b_dec.float()).to(x.dtype)
         z = torch.addmm(b_enc, xc, W)
-        launch_topk(z, k, values[r0 : r0 + chunk], indices[r0 : r0 + chunk], is_keys=False)
+        _launch_topk(z, k, values[r0 : r0 + chunk], indices[r0 : r0 + chunk], is_keys=False)
 
 
 def _check_k(n: int, k: int, k_aux: int, dead_mask: torch.Tensor | None) -> None:
@@ -240,7 +240,7 @@ def encode_topk_backward(
     need_x, need_w, need_b_enc, need_b_dec = needs_input_grad[:4]
     grad_x = grad_w = grad_b_enc = grad_b_dec = None
     if need_x or need_b_dec:
-        gx = gather_sum(g, idx, W_enc.t().contiguous(), None, torch.float32)
+        gx = sparse_decode_forward(g, idx, W_enc.t().contiguous(), None, torch.float32)
         grad_x = gx.to(x.dtype) if need_x else None
         grad_b_dec = -gx.sum(0).to(b_dec.dtype) if need_b_dec else None
     if need_w or need_b_enc:

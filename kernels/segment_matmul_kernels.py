@@ -10,14 +10,15 @@ of the sparse encoder (coef = grad of the selected pre-activations, x = x - b_de
 The (row, slot) pairs are sorted by latent (torch.sort), and each program owns BLOCK_N latents
 × BLOCK_D columns: it walks its contiguous run of sorted pairs, gathers the x rows, and
 accumulates a one-hot-weighted tl.dot, so there are no atomics (the result is deterministic) and
-no B×k×d intermediate. This is a backward building block, so it has no autograd Function.
+no B×k×d intermediate. This is a backward building block, so it has no autograd Function; on
+the CPU (interpreter off) it runs the float64 reference.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .utils import FLOAT_DTYPES, check_same_device, check_tensor
+from .utils import FLOAT_DTYPES, check_same_device, check_tensor, use_triton
 
 
 @triton.jit
@@ -79,26 +80,19 @@ def _segment_matmul_kernel(
             tl.store(colsum_ptr + out_lat, colsum.to(colsum_ptr.dtype.element_ty), mask=lat_mask)
 
 
-def segment_matmul(
+def _launch_segment_matmul(
     coef: torch.Tensor,
     indices: torch.Tensor,
     x: torch.Tensor,
-    n: int,
-    out_dtype: torch.dtype,
-    transpose_out: bool = False,
-    with_colsum: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launcher (Triton only): (out, colsum) = (Sᵀ x, Sᵀ 1) as in the module docstring.
-
-    coef [B, k] float, indices [B, k] int32 in [0, n), x [B, d] float. out is [n, d] in out_dtype,
-    or [d, n] with transpose_out; colsum is [n] in out_dtype, or None without with_colsum.
-    """
-    check_tensor("indices", indices, (None, None), (torch.int32,), "[B, k]")
+    out: torch.Tensor,
+    colsum: torch.Tensor | None,
+    transpose_out: bool,
+) -> None:
+    """Unchecked: sort the pairs by latent and run _segment_matmul_kernel into out ([n, d], or
+    [d, n] with transpose_out) and colsum ([n], not written when None)."""
     B, k = indices.shape
-    check_tensor("coef", coef, (B, k), FLOAT_DTYPES, f"[B={B}, k={k}]")
-    check_tensor("x", x, (B, None), FLOAT_DTYPES, f"[B={B}, d]")
-    check_same_device(coef=coef, indices=indices, x=x)
     d = x.shape[1]
+    n = out.shape[1] if transpose_out else out.shape[0]
     block_n, block_p = 32, 32
     block_d = max(16, min(triton.next_power_of_2(d), 128))  # tl.dot needs >= 16
     n_tiles = triton.cdiv(n, block_n)
@@ -109,19 +103,35 @@ def segment_matmul(
     bounds = torch.arange(0, n_tiles + 1, device=x.device, dtype=torch.int32) * block_n
     tile_start = torch.searchsorted(lat, bounds, out_int32=True)
 
-    if transpose_out:
-        out = torch.empty(d, n, device=x.device, dtype=out_dtype)
-        stride_on, stride_od = 1, n
-    else:
-        out = torch.empty(n, d, device=x.device, dtype=out_dtype)
-        stride_on, stride_od = d, 1
-    colsum = torch.empty(n, device=x.device, dtype=out_dtype) if with_colsum else None
+    stride_on, stride_od = (1, n) if transpose_out else (d, 1)
     grid = (n_tiles, triton.cdiv(d, block_d))
     _segment_matmul_kernel[grid](
-        lat, rows, coef_sorted, tile_start, x, out, colsum if with_colsum else out, n, d,
-        stride_on, stride_od, HAS_COLSUM=with_colsum, BLOCK_P=block_p, BLOCK_N=block_n,
+        lat, rows, coef_sorted, tile_start, x, out, out if colsum is None else colsum, n, d,
+        stride_on, stride_od, HAS_COLSUM=colsum is not None, BLOCK_P=block_p, BLOCK_N=block_n,
         BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip
+
+
+def segment_matmul_forward(
+    coef: torch.Tensor,
+    indices: torch.Tensor,
+    x: torch.Tensor,
+    n: int,
+    out_dtype: torch.dtype,
+    transpose_out: bool = False,
+    with_colsum: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Checked launcher: (out, colsum) = (Sᵀ x, Sᵀ 1) as in segment_matmul."""
+    check_tensor("indices", indices, (None, None), (torch.int32,), "[B, k]")
+    B, k = indices.shape
+    check_tensor("coef", coef, (B, k), FLOAT_DTYPES, f"[B={B}, k={k}]")
+    check_tensor("x", x, (B, None), FLOAT_DTYPES, f"[B={B}, d]")
+    check_same_device(coef=coef, indices=indices, x=x)
+    d = x.shape[1]
+    shape = (d, n) if transpose_out else (n, d)
+    out = torch.empty(shape, device=x.device, dtype=out_dtype)
+    colsum = torch.empty(n, device=x.device, dtype=out_dtype) if with_colsum else None
+    _launch_segment_matmul(coef, indices, x, out, colsum, transpose_out)
     return out, colsum
 
 
@@ -132,3 +142,25 @@ def segment_matmul_reference(
     S = torch.zeros(x.shape[0], n, dtype=torch.float64, device=x.device)
     S.scatter_add_(1, indices.long(), coef.double())
     return S.T @ x.double(), S.sum(0)
+
+
+def segment_matmul(
+    coef: torch.Tensor,
+    indices: torch.Tensor,
+    x: torch.Tensor,
+    n: int,
+    out_dtype: torch.dtype,
+    transpose_out: bool = False,
+    with_colsum: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, colsum) = (Sᵀ x, Sᵀ 1) as in the module docstring.
+
+    coef [B, k] float, indices [B, k] int32 in [0, n), x [B, d] float. out is [n, d] in out_dtype,
+    or [d, n] with transpose_out; colsum is [n] in out_dtype, or None without with_colsum.
+    Not differentiable (a backward building block).
+    """
+    if use_triton(x):
+        return segment_matmul_forward(coef, indices, x, n, out_dtype, transpose_out, with_colsum)
+    out, colsum = segment_matmul_reference(coef, indices, x, n)
+    out = (out.T if transpose_out else out).to(out_dtype).contiguous()
+    return out, colsum.to(out_dtype) if with_colsum else None

@@ -45,10 +45,34 @@ def _compact_rows_kernel(
     tl.store(psq_ptr + pid, tl.sum(sq, axis=0))
 
 
-def launch_compact_rows(
+def _blocks(d: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_D): up to 256 columns a step, about 8K elements (at most 64 rows) each."""
+    block_d = min(triton.next_power_of_2(d), 256)
+    return max(1, min(64, 8192 // block_d)), block_d
+
+
+def _launch_compact_rows(
+    h: torch.Tensor,
+    keep: torch.Tensor,
+    dest: torch.Tensor,
+    out: torch.Tensor,
+    psum: torch.Tensor,
+    psq: torch.Tensor,
+) -> None:
+    """Unchecked: run _compact_rows_kernel, the kept rows of h [N, d] into out at dest [N] and
+    the per-program partial sums into psum [programs, d] and psq [programs]."""
+    n, d = h.shape
+    block_r, block_d = _blocks(d)
+    _compact_rows_kernel[(psq.shape[0],)](
+        h, keep, dest, out, psum, psq, n, d, BLOCK_R=block_r, BLOCK_D=block_d
+    )
+
+
+def compact_rows_forward(
     h: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launcher: (rows [R, d] in ``dtype``, sum [d] fp64, sum of squared norms (0-d, fp64))."""
+    """Checked launcher: (rows [R, d] in ``dtype``, sum [d] fp64, sum of squared norms (0-d,
+    fp64))."""
     check_tensor("h", h, (None, None), FLOAT_DTYPES, "[N, d]")
     n, d = h.shape
     check_tensor("keep", keep, (n,), (torch.bool,), f"[N={n}]")
@@ -57,16 +81,12 @@ def launch_compact_rows(
         raise ValueError(f"dtype must be a float dtype, got {dtype}")
     dest = torch.cumsum(keep, 0, dtype=torch.int32) - 1
     count = int(dest[-1].item()) + 1 if n else 0
-    block_d = min(triton.next_power_of_2(d), 256)
-    block_r = max(1, min(64, 8192 // block_d))
-    grid = triton.cdiv(n, block_r)
+    grid = triton.cdiv(n, _blocks(d)[0])
     out = torch.empty(count, d, dtype=dtype, device=h.device)
     psum = torch.empty(grid, d, dtype=torch.float32, device=h.device)
     psq = torch.empty(grid, dtype=torch.float32, device=h.device)
     if grid:
-        _compact_rows_kernel[(grid,)](
-            h, keep, dest, out, psum, psq, n, d, BLOCK_R=block_r, BLOCK_D=block_d
-        )
+        _launch_compact_rows(h, keep, dest, out, psum, psq)
     return out, psum.double().sum(0), psq.double().sum()
 
 
@@ -91,5 +111,5 @@ def compact_rows(
     """Kept rows of ``h`` [N, d] cast to ``dtype``, their per-dimension sum and their sum of
     squared norms (both fp64), from one read of ``h``."""
     if use_triton(h):
-        return launch_compact_rows(h.contiguous(), keep.contiguous(), dtype)
+        return compact_rows_forward(h.contiguous(), keep.contiguous(), dtype)
     return compact_rows_reference(h, keep, dtype)

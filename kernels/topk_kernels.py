@@ -8,14 +8,14 @@ Gradient: dL/dz[b, indices[b, j]] = dL/dvalues[b, j] · 1[values[b, j] > 0], zer
 Forward kernel: each program streams BLOCK_M rows through tiles of BLOCK_N columns and keeps a
 running top-k of packed int64 keys (an order-preserving int32 image of the fp32 value in the high
 half, the column in the low half), so n need not be a power of two nor fit in registers.
-The key helpers are shared with the fused encoder (encode_topk.py).
+The key helpers are shared with the fused encoder (encode_topk_kernels.py).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .utils import FLOAT_DTYPES, check_tensor, is_interpreting, use_triton
+from .utils import FLOAT_DTYPES, autocast_inputs, check_tensor, is_interpreting, use_triton
 
 INT64_MIN: tl.constexpr = tl.constexpr(-(2**63))
 
@@ -87,10 +87,11 @@ def _topk_kernel(
     store_topk(run, rows, B, val_ptr, idx_ptr, K, K_PAD)
 
 
-def launch_topk(
+def _launch_topk(
     z: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor, is_keys: bool
 ) -> None:
-    """Run _topk_kernel over the rows of z ([B, N] floats or int64 keys) into values/indices."""
+    """Unchecked: run _topk_kernel over the rows of z ([B, N] floats or int64 keys) into
+    values/indices ([B, k])."""
     B, N = z.shape
     k_pad = triton.next_power_of_2(k)
     # Small tiles under the interpreter: fast there, and they exercise the streaming merge.
@@ -104,14 +105,14 @@ def launch_topk(
 
 
 def topk_forward(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launcher: checks z ([B, n] float, contiguous) and 1 <= k <= n; returns (values, indices)."""
+    """Checked launcher: z [B, n] float contiguous, 1 <= k <= n; returns (values, indices)."""
     check_tensor("z", z, (None, None), FLOAT_DTYPES, "[B, n]")
     B, n = z.shape
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, n={n}], got {k}")
     values = torch.empty(B, k, device=z.device, dtype=z.dtype)
     indices = torch.empty(B, k, device=z.device, dtype=torch.int32)
-    launch_topk(z, k, values, indices, is_keys=False)
+    _launch_topk(z, k, values, indices, is_keys=False)
     return values, indices
 
 
@@ -149,8 +150,10 @@ def topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row TopK activation of pre-activations z [B, n].
 
     Returns (values [B, k], indices [B, k] int32) with values = ReLU(z[b, indices[b]]) sorted
-    descending; all-negative rows give zeros. Differentiable w.r.t. z.
+    descending; all-negative rows give zeros. Differentiable w.r.t. z; under autocast z is cast
+    to the autocast dtype first.
     """
     if use_triton(z):
+        (z,) = autocast_inputs(z)
         return TopKFunction.apply(z, k)
     return topk_reference(z, k)

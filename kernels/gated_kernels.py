@@ -92,22 +92,68 @@ def _gated_bwd_kernel(
     tl.store(out + 2 * N, d_b_mag, mask=col_mask)
 
 
-def gated_forward(
-    pre: torch.Tensor, b_gate: torch.Tensor, r_mag: torch.Tensor, b_mag: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launcher: checks the inputs, returns (f, g), both [B, n] in pre's dtype."""
-    check_tensor("pre", pre, (None, None), FLOAT_DTYPES, "[B, n]")
+def _blocks() -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of both kernels; small tiles under the interpreter."""
+    return (4, 32, 4) if is_interpreting() else (16, 256, 8)
+
+
+def _launch_gated(
+    pre: torch.Tensor,
+    b_gate: torch.Tensor,
+    r_mag: torch.Tensor,
+    b_mag: torch.Tensor,
+    f: torch.Tensor,
+    g: torch.Tensor,
+) -> None:
+    """Unchecked: run _gated_fwd_kernel into f and g ([B, n])."""
     B, n = pre.shape
-    for name, t in (("b_gate", b_gate), ("r_mag", r_mag), ("b_mag", b_mag)):
-        check_tensor(name, t, (n,), FLOAT_DTYPES, f"[n={n}]")
-    check_same_device(pre=pre, b_gate=b_gate, r_mag=r_mag, b_mag=b_mag)
-    f, g = torch.empty_like(pre), torch.empty_like(pre)
-    block_m, block_n, num_warps = (4, 32, 4) if is_interpreting() else (16, 256, 8)
+    block_m, block_n, num_warps = _blocks()
     grid = (triton.cdiv(B, block_m), triton.cdiv(n, block_n))
     _gated_fwd_kernel[grid](
         pre, b_gate, r_mag, b_mag, f, g, B, n, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps,
     )  # fmt: skip
+
+
+def _launch_gated_backward(
+    grad_f: torch.Tensor,
+    grad_g: torch.Tensor,
+    pre: torch.Tensor,
+    b_gate: torch.Tensor,
+    r_mag: torch.Tensor,
+    b_mag: torch.Tensor,
+    grad_pre: torch.Tensor | None,
+    partial: torch.Tensor,
+    rows_per_split: int,
+) -> None:
+    """Unchecked: run _gated_bwd_kernel, grad pre into grad_pre ([B, n], not written when None)
+    and per-split column sums (grad b_gate, grad r_mag, grad b_mag) into partial [splits, 3, n]."""
+    B, n = pre.shape
+    block_m, block_n, num_warps = _blocks()
+    grid = (triton.cdiv(n, block_n), partial.shape[0])
+    _gated_bwd_kernel[grid](
+        pre, b_gate, r_mag, b_mag, grad_f, grad_g, grad_pre, partial, B, n, rows_per_split,
+        WRITE_DPRE=grad_pre is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )  # fmt: skip
+
+
+def _check_inputs(
+    pre: torch.Tensor, b_gate: torch.Tensor, r_mag: torch.Tensor, b_mag: torch.Tensor
+) -> None:
+    check_tensor("pre", pre, (None, None), FLOAT_DTYPES, "[B, n]")
+    n = pre.shape[1]
+    for name, t in (("b_gate", b_gate), ("r_mag", r_mag), ("b_mag", b_mag)):
+        check_tensor(name, t, (n,), FLOAT_DTYPES, f"[n={n}]")
+    check_same_device(pre=pre, b_gate=b_gate, r_mag=r_mag, b_mag=b_mag)
+
+
+def gated_forward(
+    pre: torch.Tensor, b_gate: torch.Tensor, r_mag: torch.Tensor, b_mag: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked launcher: returns (f, g), both [B, n] in pre's dtype."""
+    _check_inputs(pre, b_gate, r_mag, b_mag)
+    f, g = torch.empty_like(pre), torch.empty_like(pre)
+    _launch_gated(pre, b_gate, r_mag, b_mag, f, g)
     return f, g
 
 
@@ -120,22 +166,22 @@ def gated_backward(
     b_mag: torch.Tensor,
     need_pre: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launcher: (grad pre or None, grad b_gate, grad r_mag, grad b_mag)."""
+    """Checked launcher: (grad pre or None, grad b_gate, grad r_mag, grad b_mag)."""
+    _check_inputs(pre, b_gate, r_mag, b_mag)
     B, n = pre.shape
     grad_f, grad_g = grad_f.contiguous(), grad_g.contiguous()
-    dpre = torch.empty_like(pre) if need_pre else None
-    block_m, block_n, num_warps = (4, 32, 4) if is_interpreting() else (16, 256, 8)
-    splits = column_splits(B, n, block_m, block_n, pre.device)
-    rows_per_split = triton.cdiv(triton.cdiv(B, splits), block_m) * block_m
-    splits = triton.cdiv(B, rows_per_split)
+    check_tensor("grad_f", grad_f, (B, n), FLOAT_DTYPES, f"[B={B}, n={n}] (as pre)")
+    check_tensor("grad_g", grad_g, (B, n), FLOAT_DTYPES, f"[B={B}, n={n}] (as pre)")
+    check_same_device(pre=pre, grad_f=grad_f, grad_g=grad_g)
+    grad_pre = torch.empty_like(pre) if need_pre else None
+    block_m, block_n, _ = _blocks()
+    splits, rows_per_split = column_splits(B, n, block_m, block_n, pre.device)
     partial = torch.empty(splits, 3, n, device=pre.device, dtype=torch.float32)
-    grid = (triton.cdiv(n, block_n), splits)
-    _gated_bwd_kernel[grid](
-        pre, b_gate, r_mag, b_mag, grad_f, grad_g, dpre, partial, B, n, rows_per_split,
-        WRITE_DPRE=need_pre, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-    )  # fmt: skip
+    _launch_gated_backward(
+        grad_f, grad_g, pre, b_gate, r_mag, b_mag, grad_pre, partial, rows_per_split
+    )
     d_b_gate, d_r_mag, d_b_mag = partial.sum(0)
-    return dpre, d_b_gate.to(b_gate.dtype), d_r_mag.to(r_mag.dtype), d_b_mag.to(b_mag.dtype)
+    return grad_pre, d_b_gate.to(b_gate.dtype), d_r_mag.to(r_mag.dtype), d_b_mag.to(b_mag.dtype)
 
 
 def gated_reference(

@@ -10,6 +10,8 @@ The result is dense [B, n] because rows keep different numbers of latents.
 
 import torch
 
+from .utils import autocast_inputs
+
 
 def batch_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """BatchTopK of z [B, n] with k per row on average: returns (f, min_kept).
@@ -17,7 +19,9 @@ def batch_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     f [B, n] (z's dtype) holds ReLU(z) at the B·k largest entries of z and 0 elsewhere;
     differentiable w.r.t. z. min_kept is a 0-d tensor, the smallest kept positive activation
     (0 if none is positive), detached: the quantity whose EMA is the inference threshold θ.
+    Under autocast z is cast to the autocast dtype first.
     """
+    (z,) = autocast_inputs(z)
     if z.dim() != 2:
         raise ValueError(f"z must have shape [B, n], got {tuple(z.shape)}")
     B, n = z.shape

@@ -33,7 +33,7 @@ from .utils import (
     use_triton,
 )
 
-BANDWIDTH = 1e-3
+BANDWIDTH = 1e-3  # ε, the rectangle kernel's width: the default here and in JumpReLU training
 
 
 @triton.jit
@@ -92,6 +92,54 @@ def _jumprelu_bwd_kernel(
     tl.store(partial_ptr + (split * 2 + 1) * N + cols, dtheta, mask=col_mask)
 
 
+def _fwd_blocks() -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the forward kernel; small tiles under the interpreter."""
+    return (4, 32, 4) if is_interpreting() else (8, 512, 8)
+
+
+def _bwd_blocks() -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the backward kernel; small tiles under the interpreter."""
+    return (4, 32, 4) if is_interpreting() else (16, 256, 8)
+
+
+def _launch_jumprelu(
+    pre: torch.Tensor,
+    b_enc: torch.Tensor,
+    threshold: torch.Tensor,
+    f: torch.Tensor,
+    l0: torch.Tensor,
+) -> None:
+    """Unchecked: run _jumprelu_fwd_kernel into f [B, n] and l0 [B]."""
+    B, n = pre.shape
+    block_m, block_n, num_warps = _fwd_blocks()
+    grid = (triton.cdiv(B, block_m),)
+    _jumprelu_fwd_kernel[grid](
+        pre, b_enc, threshold, f, l0, B, n, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps
+    )
+
+
+def _launch_jumprelu_backward(
+    grad_f: torch.Tensor,
+    grad_l0: torch.Tensor,
+    pre: torch.Tensor,
+    b_enc: torch.Tensor,
+    threshold: torch.Tensor,
+    bandwidth: float,
+    grad_pre: torch.Tensor,
+    partial: torch.Tensor,
+    rows_per_split: int,
+) -> None:
+    """Unchecked: run _jumprelu_bwd_kernel, grad pre into grad_pre [B, n] and per-split column
+    sums (grad b_enc, grad θ) into partial [splits, 2, n]."""
+    B, n = pre.shape
+    block_m, block_n, num_warps = _bwd_blocks()
+    grid = (triton.cdiv(n, block_n), partial.shape[0])
+    _jumprelu_bwd_kernel[grid](
+        pre, b_enc, threshold, grad_f, grad_l0, grad_pre, partial, B, n, rows_per_split,
+        1.0 / bandwidth, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )  # fmt: skip
+
+
 def _check_inputs(pre: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor) -> None:
     check_tensor("pre", pre, (None, None), FLOAT_DTYPES, "[B, n]")
     n = pre.shape[1]
@@ -103,19 +151,11 @@ def _check_inputs(pre: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tenso
 def jumprelu_forward(
     pre: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launcher: checks the inputs, returns (f [B, n] in pre's dtype, l0 [B] fp32)."""
+    """Checked launcher: returns (f [B, n] in pre's dtype, l0 [B] fp32)."""
     _check_inputs(pre, b_enc, threshold)
-    B, n = pre.shape
     f = torch.empty_like(pre)
-    l0 = torch.empty(B, device=pre.device, dtype=torch.float32)
-    if is_interpreting():
-        block_m, block_n, num_warps = 4, 32, 4
-    else:
-        block_m, block_n, num_warps = 8, 512, 8
-    grid = (triton.cdiv(B, block_m),)
-    _jumprelu_fwd_kernel[grid](
-        pre, b_enc, threshold, f, l0, B, n, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps
-    )
+    l0 = torch.empty(pre.shape[0], device=pre.device, dtype=torch.float32)
+    _launch_jumprelu(pre, b_enc, threshold, f, l0)
     return f, l0
 
 
@@ -127,25 +167,22 @@ def jumprelu_backward(
     threshold: torch.Tensor,
     bandwidth: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launcher: (grad pre, grad b_enc, grad θ), see the module docstring."""
+    """Checked launcher: (grad pre, grad b_enc, grad θ), see the module docstring."""
+    _check_inputs(pre, b_enc, threshold)
     B, n = pre.shape
     grad_f, grad_l0 = grad_f.contiguous(), grad_l0.contiguous()
-    dpre = torch.empty_like(pre)
-    if is_interpreting():
-        block_m, block_n, num_warps = 4, 32, 4
-    else:
-        block_m, block_n, num_warps = 16, 256, 8
-    splits = column_splits(B, n, block_m, block_n, pre.device)
-    rows_per_split = triton.cdiv(triton.cdiv(B, splits), block_m) * block_m
-    splits = triton.cdiv(B, rows_per_split)
+    check_tensor("grad_f", grad_f, (B, n), FLOAT_DTYPES, f"[B={B}, n={n}] (as pre)")
+    check_tensor("grad_l0", grad_l0, (B,), FLOAT_DTYPES, f"[B={B}]")
+    check_same_device(pre=pre, grad_f=grad_f, grad_l0=grad_l0)
+    grad_pre = torch.empty_like(pre)
+    block_m, block_n, _ = _bwd_blocks()
+    splits, rows_per_split = column_splits(B, n, block_m, block_n, pre.device)
     partial = torch.empty(splits, 2, n, device=pre.device, dtype=torch.float32)
-    grid = (triton.cdiv(n, block_n), splits)
-    _jumprelu_bwd_kernel[grid](
-        pre, b_enc, threshold, grad_f, grad_l0, dpre, partial, B, n, rows_per_split,
-        1.0 / bandwidth, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-    )  # fmt: skip
+    _launch_jumprelu_backward(
+        grad_f, grad_l0, pre, b_enc, threshold, bandwidth, grad_pre, partial, rows_per_split
+    )
     db, dtheta = partial.sum(0)
-    return dpre, db.to(b_enc.dtype), dtheta.to(threshold.dtype)
+    return grad_pre, db.to(b_enc.dtype), dtheta.to(threshold.dtype)
 
 
 def jumprelu_reference(

@@ -51,9 +51,8 @@ def _blocks(n: int, d: int) -> tuple[int, int, int, int]:
     return block_m, block_d, triton.cdiv(n, block_m), num_warps
 
 
-def launch_normalize_decoder(W_dec: torch.Tensor) -> None:
-    """Launcher: normalise the rows of W_dec [n, d] in place."""
-    check_tensor("W_dec", W_dec, (None, None), FLOAT_DTYPES, "[n, d]")
+def _launch_normalize_decoder(W_dec: torch.Tensor) -> None:
+    """Unchecked: run _normalize_rows_kernel on W_dec [n, d] in place."""
     n, d = W_dec.shape
     block_m, block_d, grid, num_warps = _blocks(n, d)
     _normalize_rows_kernel[(grid,)](
@@ -61,16 +60,29 @@ def launch_normalize_decoder(W_dec: torch.Tensor) -> None:
     )
 
 
-def launch_remove_parallel_grad(W_dec: torch.Tensor, grad: torch.Tensor) -> None:
-    """Launcher: remove from each row of grad [n, d] its component along W_dec's row, in place."""
-    check_tensor("W_dec", W_dec, (None, None), FLOAT_DTYPES, "[n, d]")
+def _launch_remove_parallel_grad(W_dec: torch.Tensor, grad: torch.Tensor) -> None:
+    """Unchecked: run _remove_parallel_grad_kernel on grad [n, d] in place."""
     n, d = W_dec.shape
-    check_tensor("grad", grad, (n, d), FLOAT_DTYPES, f"[n={n}, d={d}] (as W_dec)")
-    check_same_device(W_dec=W_dec, grad=grad)
     block_m, block_d, grid, num_warps = _blocks(n, d)
     _remove_parallel_grad_kernel[(grid,)](
         W_dec, grad, n, d, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps
     )
+
+
+def normalize_decoder_forward(W_dec: torch.Tensor) -> None:
+    """Checked launcher: normalise the rows of W_dec [n, d] in place."""
+    check_tensor("W_dec", W_dec, (None, None), FLOAT_DTYPES, "[n, d]")
+    _launch_normalize_decoder(W_dec)
+
+
+def remove_parallel_grad_forward(W_dec: torch.Tensor, grad: torch.Tensor) -> None:
+    """Checked launcher: remove from each row of grad [n, d] its component along W_dec's row, in
+    place."""
+    check_tensor("W_dec", W_dec, (None, None), FLOAT_DTYPES, "[n, d]")
+    n, d = W_dec.shape
+    check_tensor("grad", grad, (n, d), FLOAT_DTYPES, f"[n={n}, d={d}] (as W_dec)")
+    check_same_device(W_dec=W_dec, grad=grad)
+    _launch_remove_parallel_grad(W_dec, grad)
 
 
 def normalize_decoder_reference(W_dec: torch.Tensor) -> torch.Tensor:
@@ -92,7 +104,7 @@ def remove_parallel_grad_reference(W_dec: torch.Tensor, grad: torch.Tensor) -> t
 def normalize_decoder_(W_dec: torch.Tensor) -> torch.Tensor:
     """Unit-normalise each row of W_dec [n, d] in place (zero rows unchanged); returns W_dec."""
     if use_triton(W_dec):
-        launch_normalize_decoder(W_dec)
+        normalize_decoder_forward(W_dec)
         torch.autograd.graph.increment_version(W_dec)
     else:
         W_dec.copy_(normalize_decoder_reference(W_dec))
@@ -103,7 +115,7 @@ def normalize_decoder_(W_dec: torch.Tensor) -> torch.Tensor:
 def remove_parallel_grad_(W_dec: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """grad_i -= (grad_i · w_i) w_i / ||w_i||² for each row i, in place; returns grad."""
     if use_triton(W_dec):
-        launch_remove_parallel_grad(W_dec, grad)
+        remove_parallel_grad_forward(W_dec, grad)
         torch.autograd.graph.increment_version(grad)
     else:
         grad.copy_(remove_parallel_grad_reference(W_dec, grad))

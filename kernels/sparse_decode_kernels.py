@@ -7,14 +7,14 @@ b_dec [d]. Backward:
     grad W_dec[i]     = Σ_{(b, j): indices[b, j] = i} values[b, j] · grad_x̂[b]   (segment_matmul)
     grad b_dec        = Σ_b grad_x̂[b]
 The forward kernel (a gather-sum, an embedding bag) also computes grad x = Σ_j g_j W_enc[:, idx_j]
-in the sparse encoder backward, through ``gather_sum``.
+in the sparse encoder backward, through ``sparse_decode_forward`` without a bias.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .segment_matmul import segment_matmul
+from .segment_matmul_kernels import segment_matmul
 from .utils import FLOAT_DTYPES, autocast_inputs, check_same_device, check_tensor, use_triton
 
 
@@ -82,52 +82,65 @@ def _gather_dot_kernel(
     tl.store(out_ptr + row * K + slots, acc.to(out_ptr.dtype.element_ty), mask=slot_mask)
 
 
-def _check(values: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> None:
-    check_tensor("indices", indices, (None, None), (torch.int32,), "[B, k]")
-    B, k = indices.shape
-    check_tensor("values", values, (B, k), FLOAT_DTYPES, f"[B={B}, k={k}] (as indices)")
-    check_tensor("W_dec", W, (None, None), FLOAT_DTYPES, "[n, d]")
+def _blocks(k: int, d: int) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_D) of both kernels: up to 16 slots by 256 columns a step."""
+    return min(triton.next_power_of_2(k), 16), min(triton.next_power_of_2(d), 256)
 
 
-def gather_sum(
+def _launch_gather_sum(
     values: torch.Tensor,
     indices: torch.Tensor,
     W: torch.Tensor,
     bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """Launcher: out [B, d] = Σ_j values[:, j] · W[indices[:, j]] (+ bias), in out_dtype."""
-    _check(values, indices, W)
-    d = W.shape[1]
-    if bias is not None:
-        check_tensor("b_dec", bias, (d,), FLOAT_DTYPES, f"[d={d}]")
-        check_same_device(values=values, indices=indices, W_dec=W, b_dec=bias)
-    else:
-        check_same_device(values=values, indices=indices, W_dec=W)
+    out: torch.Tensor,
+) -> None:
+    """Unchecked: out [B, d] = Σ_j values[:, j] · W[indices[:, j]] (+ bias)."""
     B, k = indices.shape
-    out = torch.empty(B, d, device=W.device, dtype=out_dtype)
-    block_d = min(triton.next_power_of_2(d), 256)
-    block_k = min(triton.next_power_of_2(k), 16)
+    d = W.shape[1]
+    block_k, block_d = _blocks(k, d)
     grid = (B, triton.cdiv(d, block_d))
     _gather_sum_kernel[grid](
         values, indices, W, W if bias is None else bias, out, k, d, HAS_BIAS=bias is not None,
         BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip
-    return out
 
 
-def gather_dot(
-    grad: torch.Tensor, indices: torch.Tensor, W: torch.Tensor, out_dtype: torch.dtype
-) -> torch.Tensor:
-    """Launcher: out [B, k] = grad[b] · W[indices[b, j]] (grad [B, d] contiguous)."""
+def _launch_gather_dot(
+    grad: torch.Tensor, indices: torch.Tensor, W: torch.Tensor, out: torch.Tensor
+) -> None:
+    """Unchecked: out [B, k] = grad[b] · W[indices[b, j]]."""
     B, k = indices.shape
     d = W.shape[1]
-    check_tensor("grad_out", grad, (B, d), FLOAT_DTYPES, f"[B={B}, d={d}]")
-    out = torch.empty(B, k, device=W.device, dtype=out_dtype)
-    block_k = min(triton.next_power_of_2(k), 16)
-    block_d = min(triton.next_power_of_2(d), 256)
+    block_k, block_d = _blocks(k, d)
     grid = (B, triton.cdiv(k, block_k))
     _gather_dot_kernel[grid](grad, indices, W, out, k, d, BLOCK_K=block_k, BLOCK_D=block_d)
+
+
+def _check_inputs(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> None:
+    check_tensor("indices", indices, (None, None), (torch.int32,), "[B, k]")
+    B, k = indices.shape
+    check_tensor("values", values, (B, k), FLOAT_DTYPES, f"[B={B}, k={k}] (as indices)")
+    check_tensor("W_dec", W_dec, (None, None), FLOAT_DTYPES, "[n, d]")
+    check_same_device(values=values, indices=indices, W_dec=W_dec)
+
+
+def sparse_decode_forward(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Checked launcher: x̂ [B, d] = Σ_j values[:, j] · W_dec[indices[:, j]] (+ b_dec unless
+    None), in out_dtype. Without b_dec and with W_encᵀ as W_dec it is the sparse encoder's
+    grad x = Σ_j g_j W_enc[:, idx_j]."""
+    _check_inputs(values, indices, W_dec)
+    d = W_dec.shape[1]
+    if b_dec is not None:
+        check_tensor("b_dec", b_dec, (d,), FLOAT_DTYPES, f"[d={d}]")
+        check_same_device(W_dec=W_dec, b_dec=b_dec)
+    out = torch.empty(indices.shape[0], d, device=W_dec.device, dtype=out_dtype)
+    _launch_gather_sum(values, indices, W_dec, b_dec, out)
     return out
 
 
@@ -138,11 +151,18 @@ def sparse_decode_backward(
     W_dec: torch.Tensor,
     needs_input_grad: tuple[bool, ...],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(grad values, grad W_dec, grad b_dec); None where not needed."""
+    """Checked launcher: (grad values, grad W_dec, grad b_dec), None where not needed
+    (needs_input_grad as for (values, indices, W_dec, b_dec))."""
+    _check_inputs(values, indices, W_dec)
+    B, k = indices.shape
+    d = W_dec.shape[1]
     grad_out = grad_out.contiguous()
+    check_tensor("grad_out", grad_out, (B, d), FLOAT_DTYPES, f"[B={B}, d={d}]")
+    check_same_device(W_dec=W_dec, grad_out=grad_out)
     grad_values = grad_W = grad_b = None
     if needs_input_grad[0]:
-        grad_values = gather_dot(grad_out, indices, W_dec, values.dtype)
+        grad_values = torch.empty(B, k, device=W_dec.device, dtype=values.dtype)
+        _launch_gather_dot(grad_out, indices, W_dec, grad_values)
     if needs_input_grad[2]:
         grad_W, _ = segment_matmul(values, indices, grad_out, W_dec.shape[0], W_dec.dtype)
     if needs_input_grad[3]:
@@ -169,7 +189,7 @@ class SparseDecodeFunction(torch.autograd.Function):
         W_dec: torch.Tensor,
         b_dec: torch.Tensor,
     ) -> torch.Tensor:
-        out = gather_sum(values, indices, W_dec, b_dec, W_dec.dtype)
+        out = sparse_decode_forward(values, indices, W_dec, b_dec, W_dec.dtype)
         ctx.save_for_backward(values, indices, W_dec)
         return out
 

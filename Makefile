@@ -11,7 +11,7 @@ TORCH ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 FLAGS := MODEL SITE ARCH N_LATENTS K TOKENS BATCH_SIZE LR SPARSITY_COEFF CACHE OUT DEVICE SEED TEXT TEXT_FIELD
 TRAIN_ARGS := $(foreach v,$(FLAGS),$(if $($(v)),--$(subst _,-,$(shell echo $(v) | tr A-Z a-z)) $($(v))))
 
-.PHONY: setup train test lint bench clean
+.PHONY: setup train test lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ ifneq ($(HAS_GPU),)
 	$(PY) bench/topk_bench.py
 	$(PY) bench/arch_bench.py
 endif
+
+# On a GPU box as it is (offline, no wandb, flashsae not installed): no setup, the system Python.
+gpu-check:
+	$(PYTHON) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -5,7 +5,7 @@ CUDA tensors run Triton; CPU tensors run the torch reference, unless TRITON_INTE
 
 from .batch_topk import batch_topk
 from .decoder_norm import normalize_decoder_, remove_parallel_grad_
-from .encode_topk import encode_topk
+from .encode_topk_kernels import encode_topk
 from .gated import gated
 from .jumprelu import jumprelu
 from .sparse_decode import sparse_decode

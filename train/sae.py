@@ -20,7 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from flashsae.kernels import encode_topk, normalize_decoder_, remove_parallel_grad_, sparse_decode
+from flashsae.kernels import (
+    encode_topk,
+    normalize_decoder_,
+    remove_parallel_grad_,
+    sparse_decode,
+    topk,
+)
 
 
 @dataclass
@@ -124,8 +130,7 @@ class TopKSAE(SAE):
 
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k latents per row: (values [B, k], int32 indices [B, k])."""
-        vals, idx, _, _ = encode_topk(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k)
-        return vals, idx
+        return encode_topk(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         vals, idx = self.encode_sparse(x)
@@ -139,16 +144,19 @@ class TopKSAE(SAE):
     def training_loss(
         self, x: torch.Tensor, dead_mask: torch.Tensor, progress: float
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        k_aux = self.cfg.k_aux
-        vals, idx, aux_vals, aux_idx = encode_topk(
-            x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, k_aux, dead_mask
-        )
+        vals, idx = self.encode_sparse(x)
         x_hat = sparse_decode(vals, idx, self.W_dec, self.b_dec)
         mse = normalized_mse(x, x_hat)
-        if k_aux:
+        dead = dead_mask.nonzero().squeeze(1)
+        k_live = min(self.cfg.k_aux, dead.numel())
+        if k_live:  # AuxK over the dead columns only
+            z_dead = (x - self.b_dec) @ self.W_enc[:, dead] + self.b_enc[dead]
+            aux_vals, slots = topk(z_dead.contiguous(), k_live)
             e = (x - x_hat).detach()
-            e_hat = sparse_decode(aux_vals, aux_idx, self.W_dec, torch.zeros_like(self.b_dec))
-            aux = normalized_mse(e, e_hat) * dead_mask.any()
+            e_hat = sparse_decode(
+                aux_vals, dead.int()[slots.long()], self.W_dec, torch.zeros_like(self.b_dec)
+            )
+            aux = normalized_mse(e, e_hat)
         else:
             aux = torch.zeros((), device=x.device)
         loss = mse + self.cfg.aux_alpha * aux

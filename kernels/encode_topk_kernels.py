@@ -15,12 +15,15 @@ Fused forward, three kernels, no host sync:
    computes z tile by tile (BLOCK_M × BLOCK_N). Per row it keeps g[r, c] = max of z[r, j] over
    the columns j ≡ c (mod BLOCK_N) seen so far: BLOCK_N distinct entries, so their K_PAD-th
    largest t_r is a lower bound of the row's k-th best value so far (and of the final one).
-   Keeping g is one max per element; t_r is refreshed with tl.topk on 32-bit floats only on the
+   Keeping g is one max per element; t_r is refreshed (group maxima of g over 2·K_PAD column
+   classes, then tl.topk on 32-bit floats) only on the
    first WARMUP tiles and every REFRESH-th tile after. Entries with z >= t_r are candidates,
-   appended to a per-row buffer of CAP slots: a masked atomic_add on the row's counter returns
-   each candidate's slot, so only candidates pay. After the first tiles almost no entry beats
-   t_r: about k·BLOCK_N/n_seen per row and tile, k·(1 + ln(n/BLOCK_N)) per row in all for
-   i.i.d. columns (a few tens of percent more with the refresh schedule and the group maxima).
+   appended to a per-row buffer of CAP slots: one atomic_add per row with candidates reserves
+   their slots (offsets within the tile from a cumsum), so only rows with candidates pay the
+   atomic (a per-element masked atomic_add fails Triton 3.9's layout pass for sm_90). After
+   the first tiles almost no entry beats t_r: about k·BLOCK_N/n_seen per row and tile,
+   k·(1 + ln(n/BLOCK_N)) per row in all for i.i.d. columns (more with the refresh schedule
+   and the group maxima).
    Exact: an entry z_e < t_r has K_PAD >= k distinct entries (group maxima) above it, so every
    entry with z >= the final k-th value is a candidate.
 2. _select_kernel: the exact top-k of each row's candidates (packed int64 keys, bitonic merge).
@@ -97,7 +100,9 @@ def _kth_largest(g, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr) -> tl.tensor:
         return tl.max(g, axis=1)
     elif K_PAD == BLOCK_N:
         return tl.min(g, axis=1)
-    else:
+    else:  # group maxima over 2·K_PAD column classes first: a smaller sort, still a bound
+        G: tl.constexpr = min(2 * K_PAD, BLOCK_N)
+        g = tl.max(tl.reshape(g, [g.shape[0], BLOCK_N // G, G]), axis=1)
         return tl.min(tl.topk(g, K_PAD, dim=1), axis=1)
 
 
@@ -128,7 +133,7 @@ def _encode_candidates_kernel(
     row_mask = rows < B
     xc_rows = xc_ptr + rows[:, None].to(tl.int64) * D
     cand_rows = rows[:, None].to(tl.int64) * CAP
-    counters = tl.broadcast_to(count_ptr + rows[:, None], [BLOCK_M, BLOCK_N])
+    zero = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     g = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
     t = tl.full([BLOCK_M], float("-inf"), tl.float32)
     n_begin = split * TILES_PER_SPLIT * BLOCK_N
@@ -143,12 +148,12 @@ def _encode_candidates_kernel(
         if (tile < WARMUP) | (tile % REFRESH == 0):
             t = _kth_largest(g, K_PAD, BLOCK_N)
         hit = (z >= t[:, None]) & row_mask[:, None] & col_mask[None, :]
-        slot = tl.atomic_add(counters, 1, mask=hit, sem="relaxed")
+        n_hit = tl.sum(hit.to(tl.int32), axis=1)
+        base = tl.atomic_add(count_ptr + rows, n_hit, mask=n_hit > 0, sem="relaxed")
+        slot = base[:, None] + tl.cumsum(hit.to(tl.int32), axis=1) - 1
         keep = hit & (slot < CAP)
         tl.store(cand_val_ptr + cand_rows + slot, z, mask=keep)
-        tl.store(
-            cand_col_ptr + cand_rows + slot, tl.broadcast_to(cols[None, :], z.shape), mask=keep
-        )
+        tl.store(cand_col_ptr + cand_rows + slot, cols[None, :] + zero, mask=keep)
 
 
 @triton.jit
@@ -227,10 +232,8 @@ def _fused_config(k_pad: int, fp32: bool) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the candidate kernel."""
     if is_interpreting():  # small tiles: fast there, and they exercise refreshes and splits
         return 16, max(32, k_pad), 16, 4, 1
-    block_k = 32 if fp32 else 64
-    if k_pad <= 64:
-        return 128, 128, block_k, 8, 3
-    return 64, max(128, k_pad), block_k, 8, 3
+    # 64 x 128 with 8 warps spills least under ptxas for sm_90 (ptxas -v).
+    return 64, max(128, k_pad), 32 if fp32 else 64, 8, 3
 
 
 def _launch_encode_topk(

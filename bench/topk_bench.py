@@ -2,7 +2,8 @@
 
 For each shape (d, n, k) at batch B (default 8192), bf16 autocast and fp32 master weights:
 
-  flashsae  encode_topk + sparse_decode (+ AuxK with k_aux = d/2 when --dead-frac > 0),
+  flashsae  encode_topk + sparse_decode (+ AuxK with k_aux = d/2 when --dead-frac > 0, a GEMM
+            over the dead columns and topk),
             backward, remove_parallel_grad_, fused Adam, normalize_decoder_
   dense     the baseline, the same math in plain PyTorch: z = (x - b_dec) @ W_enc + b_enc,
             torch.topk, dense f @ W_dec, torch decoder-norm maintenance, fused Adam
@@ -65,13 +66,14 @@ def _mse(x, x_hat):
 def flashsae_step(sae, x, k, k_aux, dead):
     zeros = torch.zeros_like(sae.b_dec)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        vals, idx, aux_vals, aux_idx = encode_topk(
-            x, sae.W_enc, sae.b_enc, sae.b_dec, k, k_aux, dead if k_aux else None
-        )
+        vals, idx = encode_topk(x, sae.W_enc, sae.b_enc, sae.b_dec, k)
         x_hat = sparse_decode(vals, idx, sae.W_dec, sae.b_dec)
         loss = _mse(x, x_hat)
-        if k_aux:
-            e_hat = sparse_decode(aux_vals, aux_idx, sae.W_dec, zeros)
+        if k_aux:  # AuxK: a dense GEMM over the dead columns, then topk
+            cols = dead.nonzero().squeeze(1)
+            z_dead = (x - sae.b_dec) @ sae.W_enc[:, cols] + sae.b_enc[cols]
+            aux_vals, slots = topk(z_dead.contiguous(), min(k_aux, cols.numel()))
+            e_hat = sparse_decode(aux_vals, cols.int()[slots.long()], sae.W_dec, zeros)
             loss = loss + AUX_ALPHA * _mse((x - x_hat.float()).detach(), e_hat)
     loss.backward()
     remove_parallel_grad_(sae.W_dec, sae.W_dec.grad)
@@ -176,8 +178,15 @@ def _encoder_kernels(B, d, n, k, gemm_ms, bw, rep):
         z = torch.addmm(b_enc, x - b_dec, W_enc)
         rows = [
             _row(
+                "encode_topk fwd (dense backend)",
+                lambda: encode_topk(x, W_enc, b_enc, b_dec, k, backend="dense"),
+                lambda: torch.addmm(b_enc, x - b_dec, W_enc).topk(k, dim=1),
+                max(gemm_ms, bw((B * d + d * n + B * k * 3) * 2)),
+                rep,
+            ),
+            _row(
                 "encode_topk fwd",
-                lambda: encode_topk(x, W_enc, b_enc, b_dec, k),
+                lambda: encode_topk(x, W_enc, b_enc, b_dec, k, backend="fused"),
                 lambda: torch.addmm(b_enc, x - b_dec, W_enc).topk(k, dim=1),
                 max(gemm_ms, bw((B * d + d * n + B * k * 3) * 2)),
                 rep,
@@ -190,7 +199,7 @@ def _encoder_kernels(B, d, n, k, gemm_ms, bw, rep):
                 rep,
             ),
         ]
-    out = encode_topk(x, W_enc, b_enc, b_dec, k)[0]
+    out = encode_topk(x, W_enc, b_enc, b_dec, k, backend="fused")[0]
     ref = torch.addmm(b_enc, x - b_dec, W_enc).topk(k, dim=1).values.relu()
     floor = bw((2 * B * d + used * d + n * d + n + d) * 2 + B * k * 6)
     rows.append(_row("encode_topk bwd", _grad_fn(out, inputs), _grad_fn(ref, inputs), floor, rep))

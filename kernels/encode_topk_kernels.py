@@ -1,26 +1,45 @@
 # ruff: noqa: ANN001 - Triton reads parameter annotations as type specializations
-"""Fused TopK encoder: z = (x - b_dec) @ W_enc + b_enc, values, indices = ReLU(TopK_k(z)).
+"""TopK SAE encoder: z = (x - b_dec) @ W_enc + b_enc, values, indices = ReLU(TopK_k(z)).
 
-x [B, d], W_enc [d, n], b_enc [n], b_dec [d]. With k_aux > 0 it also returns the top-k_aux
-pre-activations among latents with dead_mask True (ReLU'd, for AuxK); when fewer than k_aux
-latents are dead, the remaining slots hold value 0 and index 0. With k_aux = 0 the aux outputs
-are empty [B, 0] tensors. Values are sorted descending per row, indices are int32.
+x [B, d], W_enc [d, n], b_enc [n], b_dec [d]. Returns values [B, k] (W_enc's dtype, sorted
+descending per row) and indices [B, k] int32; the selected set is exactly torch.topk's on the
+pre-activations z (up to ties). The centring x_c = x - b_dec is done in fp32 and rounded once to
+W_enc's dtype for the MMA; z is accumulated in fp32.
 
-Forward kernel: each program owns BLOCK_M rows and a split of the latents; it computes z tile by
-tile (BLOCK_M × BLOCK_N, K-loop over d) and merges each tile into a running top-k of packed keys
-in registers, so the B×n pre-activation matrix never reaches memory. With several splits per row
-block (to fill the GPU when B is small) each split writes its top-k keys ([B, splits, K_PAD]) and
-the topk kernel merges them. The aux top-k reruns the same kernel on the dead columns of W_enc
-(gathered; finding them costs one host sync). For k > MAX_FUSED_K (typically k_aux = d/2) the
-running top-k no longer fits in registers, and z is materialised in row chunks instead.
+Backends: "dense" (one GEMM, z materialised, torch.topk), "fused" (the Triton kernels below, z
+never reaches memory) and "auto" (pick_backend: an estimate until a GPU measures it).
 
-Backward is sparse: with g the pre-activation gradients of the k + k_aux selected slots per
-row (dL/dvalue · 1[value > 0]),
-    grad x[b]        = Σ_j g[b, j] W_enc[:, idx[b, j]]   (sparse_decode_forward on a W_encᵀ copy)
+Fused forward, three kernels, no host sync:
+
+1. _encode_candidates_kernel: each program owns BLOCK_M rows and a split of the latents and
+   computes z tile by tile (BLOCK_M × BLOCK_N). Per row it keeps g[r, c] = max of z[r, j] over
+   the columns j ≡ c (mod BLOCK_N) seen so far: BLOCK_N distinct entries, so their K_PAD-th
+   largest t_r is a lower bound of the row's k-th best value so far (and of the final one).
+   Keeping g is one max per element; t_r is refreshed (group maxima of g over 2·K_PAD column
+   classes, then tl.topk on 32-bit floats) only on the
+   first WARMUP tiles and every REFRESH-th tile after. Entries with z >= t_r are candidates,
+   appended to a per-row buffer of CAP slots: one atomic_add per row with candidates reserves
+   their slots (offsets within the tile from a cumsum), so only rows with candidates pay the
+   atomic (a per-element masked atomic_add fails Triton 3.9's layout pass for sm_90). After
+   the first tiles almost no entry beats t_r: about k·BLOCK_N/n_seen per row and tile,
+   k·(1 + ln(n/BLOCK_N)) per row in all for i.i.d. columns (more with the refresh schedule
+   and the group maxima).
+   Exact: an entry z_e < t_r has K_PAD >= k distinct entries (group maxima) above it, so every
+   entry with z >= the final k-th value is a candidate.
+2. _select_kernel: the exact top-k of each row's candidates (packed int64 keys, bitonic merge).
+3. _overflow_kernel: rows whose counter exceeds CAP (adversarial inputs, e.g. z increasing with
+   the column, make every tile beat t_r) are recomputed exactly by streaming all of z through
+   the bitonic merge; a program with no overflowed row runs no tile.
+
+Backward is sparse: with g the pre-activation gradients of the k selected slots per row
+(dL/dvalue · 1[value > 0]),
+    grad x[b]        = Σ_j g[b, j] W_enc[:, idx[b, j]]   (sparse_decode_forward, on W_encᵀ)
     grad W_enc[:, i] = Σ_{(b, j): idx[b, j] = i} g[b, j] (x[b] - b_dec)   (segment_matmul)
     grad b_enc[i]    = Σ_{(b, j): idx[b, j] = i} g[b, j]                  (same kernel)
     grad b_dec       = -Σ_b grad x[b].
 """
+
+import math
 
 import torch
 import triton
@@ -28,7 +47,7 @@ import triton.language as tl
 
 from .segment_matmul_kernels import segment_matmul
 from .sparse_decode_kernels import sparse_decode_forward
-from .topk_kernels import INT64_MIN, _launch_topk, merge_topk, pack_keys, store_topk, topk_reference
+from .topk_kernels import INT64_MIN, merge_topk, pack_keys, store_topk, topk_reference
 from .utils import (
     FLOAT_DTYPES,
     autocast_inputs,
@@ -38,146 +57,275 @@ from .utils import (
     use_triton,
 )
 
+BACKENDS = ("auto", "fused", "dense")
+MAX_FUSED_K = 256  # k_pad above this: the running top-k no longer fits next to the z tile
+WARMUP, REFRESH = 8, 16  # threshold refreshed on the first WARMUP tiles, then every REFRESH-th
+
 
 @triton.jit
-def _encode_topk_kernel(
-    x_ptr,
+def _z_tile(
+    xc_rows,
+    row_mask,
     w_ptr,
     b_enc_ptr,
-    b_dec_ptr,
-    val_ptr,
-    idx_ptr,
-    keys_ptr,
+    cols,
+    col_mask,
+    D,
+    N,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+) -> tl.tensor:
+    """fp32 z = x_c @ W[:, cols] + b_enc[cols] for BLOCK_M rows; -inf in masked columns."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < D
+        xc = tl.load(xc_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(
+            w_ptr + ks[:, None].to(tl.int64) * N + cols[None, :],
+            mask=k_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(xc, w, acc, input_precision=DOT_PRECISION)
+    acc += tl.load(b_enc_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return tl.where(col_mask[None, :], acc, float("-inf"))
+
+
+@triton.jit
+def _kth_largest(g, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr) -> tl.tensor:
+    """[M] the K_PAD-th largest of each row of g ([M, BLOCK_N] fp32)."""
+    if K_PAD == 1:
+        return tl.max(g, axis=1)
+    elif K_PAD == BLOCK_N:
+        return tl.min(g, axis=1)
+    else:  # group maxima over 2·K_PAD column classes first: a smaller sort, still a bound
+        G: tl.constexpr = min(2 * K_PAD, BLOCK_N)
+        g = tl.max(tl.reshape(g, [g.shape[0], BLOCK_N // G, G]), axis=1)
+        return tl.min(tl.topk(g, K_PAD, dim=1), axis=1)
+
+
+@triton.jit
+def _encode_candidates_kernel(
+    xc_ptr,
+    w_ptr,
+    b_enc_ptr,
+    cand_val_ptr,
+    cand_col_ptr,
+    count_ptr,
     B,
     D,
     N,
     TILES_PER_SPLIT,
-    NUM_SPLITS,
-    K: tl.constexpr,
+    CAP,
     K_PAD: tl.constexpr,
-    WRITE_KEYS: tl.constexpr,
+    WARMUP: tl.constexpr,
+    REFRESH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """Append every z[r, j] >= t_r of this program's rows and split to the candidate buffers."""
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < B
-    x_rows = x_ptr + rows[:, None].to(tl.int64) * D
-    run = tl.full([BLOCK_M, K_PAD], INT64_MIN, tl.int64)
+    xc_rows = xc_ptr + rows[:, None].to(tl.int64) * D
+    cand_rows = rows[:, None].to(tl.int64) * CAP
+    zero = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    g = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
+    t = tl.full([BLOCK_M], float("-inf"), tl.float32)
     n_begin = split * TILES_PER_SPLIT * BLOCK_N
     n_end = tl.minimum(n_begin + TILES_PER_SPLIT * BLOCK_N, N)
     for n0 in range(n_begin, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < D
-            x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            b_dec = tl.load(b_dec_ptr + ks, mask=k_mask, other=0.0)
-            xc = (x.to(tl.float32) - b_dec.to(tl.float32)[None, :]).to(w_ptr.dtype.element_ty)
-            w = tl.load(
-                w_ptr + ks[:, None].to(tl.int64) * N + cols[None, :],
-                mask=k_mask[:, None] & col_mask[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(xc, w, acc, input_precision=DOT_PRECISION)
-        acc += tl.load(b_enc_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        keys = pack_keys(acc, cols[None, :])
-        keys = tl.where(row_mask[:, None] & col_mask[None, :], keys, INT64_MIN)
+        z = _z_tile(xc_rows, row_mask, w_ptr, b_enc_ptr, cols, col_mask, D, N,
+                    DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        g = tl.maximum(g, z)
+        tile = (n0 - n_begin) // BLOCK_N
+        if (tile < WARMUP) | (tile % REFRESH == 0):
+            t = _kth_largest(g, K_PAD, BLOCK_N)
+        hit = (z >= t[:, None]) & row_mask[:, None] & col_mask[None, :]
+        n_hit = tl.sum(hit.to(tl.int32), axis=1)
+        base = tl.atomic_add(count_ptr + rows, n_hit, mask=n_hit > 0, sem="relaxed")
+        slot = base[:, None] + tl.cumsum(hit.to(tl.int32), axis=1) - 1
+        keep = hit & (slot < CAP)
+        tl.store(cand_val_ptr + cand_rows + slot, z, mask=keep)
+        tl.store(cand_col_ptr + cand_rows + slot, cols[None, :] + zero, mask=keep)
+
+
+@triton.jit
+def _select_kernel(
+    cand_val_ptr,
+    cand_col_ptr,
+    count_ptr,
+    val_ptr,
+    idx_ptr,
+    B,
+    CAP,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """values/indices of the exact top-k of each row's candidates; overflowed rows are left."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < B
+    count = tl.load(count_ptr + rows, mask=row_mask, other=0)
+    n_valid = tl.minimum(count, CAP)
+    cand_rows = rows[:, None].to(tl.int64) * CAP
+    run = tl.full([BLOCK_M, K_PAD], INT64_MIN, tl.int64)
+    for c0 in range(0, tl.max(n_valid, axis=0), BLOCK_N):
+        slots = c0 + tl.arange(0, BLOCK_N)
+        mask = slots[None, :] < n_valid[:, None]
+        z = tl.load(cand_val_ptr + cand_rows + slots[None, :], mask=mask, other=0.0)
+        col = tl.load(cand_col_ptr + cand_rows + slots[None, :], mask=mask, other=0)
+        run = merge_topk(run, tl.where(mask, pack_keys(z, col), INT64_MIN), K_PAD)
+    store_topk(run, tl.where(count > CAP, B, rows), B, val_ptr, idx_ptr, K, K_PAD)
+
+
+@triton.jit
+def _overflow_kernel(
+    xc_ptr,
+    w_ptr,
+    b_enc_ptr,
+    count_ptr,
+    val_ptr,
+    idx_ptr,
+    B,
+    D,
+    N,
+    CAP,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Exact top-k (streaming bitonic merge over all of z) of the rows whose buffer overflowed;
+    runs no tile when none of its rows did."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < B
+    over = (tl.load(count_ptr + rows, mask=row_mask, other=0) > CAP) & row_mask
+    n_stop = tl.where(tl.max(over.to(tl.int32), axis=0) > 0, N, 0)
+    xc_rows = xc_ptr + rows[:, None].to(tl.int64) * D
+    run = tl.full([BLOCK_M, K_PAD], INT64_MIN, tl.int64)
+    for n0 in range(0, n_stop, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        z = _z_tile(xc_rows, over, w_ptr, b_enc_ptr, cols, col_mask, D, N,
+                    DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        keys = tl.where(over[:, None] & col_mask[None, :], pack_keys(z, cols[None, :]), INT64_MIN)
         run = merge_topk(run, keys, K_PAD)
-    if WRITE_KEYS:
-        slots = tl.arange(0, K_PAD)
-        offs = (rows[:, None].to(tl.int64) * NUM_SPLITS + split) * K_PAD + slots[None, :]
-        tl.store(keys_ptr + offs, run, mask=row_mask[:, None])
-    else:
-        store_topk(run, rows, B, val_ptr, idx_ptr, K, K_PAD)
+    store_topk(run, tl.where(over, rows, B), B, val_ptr, idx_ptr, K, K_PAD)
 
 
-# Above this (next power of two of) k, e.g. AuxK's k_aux = d/2, the running top-k no longer fits
-# in registers next to the z tile; z is then computed in row chunks with cuBLAS instead.
-MAX_FUSED_K = 256
-CHUNK_BYTES = 1 << 28
+def _expected_candidates(n_split: int, k_pad: int, block_n: int) -> float:
+    """Candidates per row and split for i.i.d. columns: k·(1 + ln(n_split / BLOCK_N))."""
+    return k_pad * (1 + math.log(max(1.0, n_split / block_n)))
+
+
+def _fused_config(k_pad: int, fp32: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the candidate kernel."""
+    if is_interpreting():  # small tiles: fast there, and they exercise refreshes and splits
+        return 16, max(32, k_pad), 16, 4, 1
+    # 64 x 128 with 8 warps spills least under ptxas for sm_90 (ptxas -v).
+    return 64, max(128, k_pad), 32 if fp32 else 64, 8, 3
 
 
 def _launch_encode_topk(
-    x: torch.Tensor,
+    xc: torch.Tensor,
     W: torch.Tensor,
     b_enc: torch.Tensor,
-    b_dec: torch.Tensor,
     k: int,
     values: torch.Tensor,
     indices: torch.Tensor,
-) -> None:
-    """Top-k of (x - b_dec) @ W + b_enc into values/indices ([B, k]); W is [d, N] contiguous."""
-    B, d = x.shape
+    capacity: int | None = None,
+    warmup: int = WARMUP,
+    refresh: int = REFRESH,
+) -> torch.Tensor:
+    """Fused top-k of xc @ W + b_enc into values/indices ([B, k]); xc [B, d] in W's dtype,
+    W [d, N] contiguous, k_pad <= MAX_FUSED_K. ``capacity``: candidate slots per row (default
+    about three times the expected count). Returns the candidates per row ([B] int32; a row
+    with more than ``capacity`` went through the overflow kernel)."""
+    B, d = xc.shape
     N = W.shape[1]
     k_pad = triton.next_power_of_2(k)
-    if k_pad > MAX_FUSED_K:
-        _launch_chunked(x, W, b_enc, b_dec, k, values, indices)
-        return
-    fp32 = x.dtype == torch.float32
-    if is_interpreting():
-        # Small tiles keep the interpreter fast and exercise the streaming merge and the splits.
-        block_m = min(16, triton.next_power_of_2(B))
-        block_n, block_k, num_warps, num_stages = 32, 32, 4, 1
-    elif k_pad <= 64:
-        block_m, block_n, block_k, num_warps, num_stages = 64, 128, 32 if fp32 else 64, 8, 3
-    elif k_pad <= 128:
-        block_m, block_n, block_k, num_warps, num_stages = 32, 128, 32 if fp32 else 64, 8, 3
-    else:
-        block_m, block_n, block_k, num_warps, num_stages = 16, 256, 32 if fp32 else 64, 8, 3
-    block_n = max(block_n, k_pad)
+    fp32 = W.dtype == torch.float32
+    block_m, block_n, block_k, num_warps, num_stages = _fused_config(k_pad, fp32)
+    precision = "tf32x3" if fp32 else "tf32"
     n_tiles = triton.cdiv(N, block_n)
     row_blocks = triton.cdiv(B, block_m)
     if is_interpreting():
         splits = min(2, n_tiles)
-    else:  # enough programs for one wave over the SMs
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        splits = min(n_tiles, max(1, triton.cdiv(sms, row_blocks)))
+    else:  # two programs per SM
+        sms = torch.cuda.get_device_properties(xc.device).multi_processor_count
+        splits = min(n_tiles, max(1, triton.cdiv(2 * sms, row_blocks)))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)
-    keys = (
-        torch.empty(B, splits * k_pad, device=x.device, dtype=torch.int64) if splits > 1 else None
-    )
-    _encode_topk_kernel[(row_blocks, splits)](
-        x, W, b_enc, b_dec, values, indices, keys, B, d, N, tiles_per_split, splits, K=k,
-        K_PAD=k_pad, WRITE_KEYS=splits > 1, DOT_PRECISION="tf32x3" if fp32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-        num_stages=num_stages,
+    if capacity is None:
+        per_split = _expected_candidates(tiles_per_split * block_n, k_pad, block_n)
+        capacity = min(N, triton.next_power_of_2(int(3 * splits * per_split)))
+    counts = torch.zeros(B, device=xc.device, dtype=torch.int32)
+    cand_val = torch.empty(B, capacity, device=xc.device, dtype=torch.float32)
+    cand_col = torch.empty(B, capacity, device=xc.device, dtype=torch.int32)
+    _encode_candidates_kernel[(row_blocks, splits)](
+        xc, W, b_enc, cand_val, cand_col, counts, B, d, N, tiles_per_split, capacity, K_PAD=k_pad,
+        WARMUP=warmup, REFRESH=refresh, DOT_PRECISION=precision, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    if splits > 1:
-        _launch_topk(keys, k, values, indices, is_keys=True)
+    sel_n = max(k_pad, 64 if is_interpreting() else 256)
+    sel_m = max(1, min(triton.next_power_of_2(B), 2048 // sel_n, 8))
+    _select_kernel[(triton.cdiv(B, sel_m),)](
+        cand_val, cand_col, counts, values, indices, B, capacity, K=k, K_PAD=k_pad,
+        BLOCK_M=sel_m, BLOCK_N=sel_n, num_warps=4 if sel_m * sel_n <= 2048 else 8,
+    )  # fmt: skip
+    fb_m = 16 if is_interpreting() else 64
+    fb_n = max(block_n, k_pad) if is_interpreting() else max(128, k_pad)
+    _overflow_kernel[(triton.cdiv(B, fb_m),)](
+        xc, W, b_enc, counts, values, indices, B, d, N, capacity, K=k, K_PAD=k_pad,
+        DOT_PRECISION=precision, BLOCK_M=fb_m, BLOCK_N=fb_n, BLOCK_K=block_k,
+        num_warps=4 if is_interpreting() else 8, num_stages=num_stages,
+    )  # fmt: skip
+    return counts
 
 
-def _launch_chunked(
-    x: torch.Tensor,
-    W: torch.Tensor,
-    b_enc: torch.Tensor,
-    b_dec: torch.Tensor,
-    k: int,
-    values: torch.Tensor,
-    indices: torch.Tensor,
-) -> None:
-    """Large k: z for CHUNK_BYTES of rows at a time (torch matmul, z in x's dtype), then topk."""
-    B, N = x.shape[0], W.shape[1]
-    chunk = max(1, CHUNK_BYTES // (N * x.element_size()))
-    b_enc = b_enc.to(x.dtype)
-    for r0 in range(0, B, chunk):
-        xc = (x[r0 : r0 + chunk].float() - b_dec.float()).to(x.dtype)
-        z = torch.addmm(b_enc, xc, W)
-        _launch_topk(z, k, values[r0 : r0 + chunk], indices[r0 : r0 + chunk], is_keys=False)
+def pick_backend(B: int, d: int, n: int, k: int) -> str:
+    """ "fused" or "dense" for a shape. An ESTIMATE (no GPU has measured it yet), from a cycle
+    model of an H100/H200: the fused kernel's selection costs a few percent of its GEMM, which
+    runs at about 80% of cuBLAS's rate; the dense path adds writing z and torch.topk reading
+    it (about three passes over B·n elements at about 2.5 TB/s). Fused wins once that traffic
+    exceeds ~20% of the GEMM, i.e. for n·B·6 bytes > 0.2·2·B·d·n / 700 TFLOP/s, which holds
+    for every d < ~12000; it loses when k_pad exceeds MAX_FUSED_K or n is too small to amortise
+    three launches (n < 4096)."""
+    k_pad = triton.next_power_of_2(k)
+    if k_pad > MAX_FUSED_K or n < 4096:
+        return "dense"
+    gemm_s = 2 * B * d * n / 700e12
+    fused_s = gemm_s / 0.8 + 3 * 5e-6
+    dense_s = gemm_s + 6 * B * n / 2.5e12 + 5e-6
+    return "fused" if fused_s < dense_s else "dense"
 
 
-def _check_k(n: int, k: int, k_aux: int, dead_mask: torch.Tensor | None) -> None:
+def _check_inputs(x, W_enc, b_enc, b_dec, k: int, backend: str) -> None:
+    check_tensor("x", x, (None, None), FLOAT_DTYPES, "[B, d]")
+    d = x.shape[1]
+    check_tensor("W_enc", W_enc, (d, None), FLOAT_DTYPES, f"[d={d}, n]")
+    n = W_enc.shape[1]
+    if x.dtype not in (torch.float32, W_enc.dtype):
+        raise ValueError(f"x must have dtype float32 or W_enc's ({W_enc.dtype}), got {x.dtype}")
+    check_tensor("b_enc", b_enc, (n,), FLOAT_DTYPES, f"[n={n}]")
+    check_tensor("b_dec", b_dec, (d,), FLOAT_DTYPES, f"[d={d}]")
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, n={n}], got {k}")
-    if not 0 <= k_aux <= n:
-        raise ValueError(f"k_aux must be in [0, n={n}], got {k_aux}")
-    if k_aux > 0 and dead_mask is None:
-        raise ValueError("k_aux > 0 needs dead_mask (a [n] bool tensor)")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "fused" and triton.next_power_of_2(k) > MAX_FUSED_K:
+        raise ValueError(f"backend 'fused' needs k <= {MAX_FUSED_K}, got {k}")
+    check_same_device(x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
 
 
 def encode_topk_forward(
@@ -186,68 +334,49 @@ def encode_topk_forward(
     b_enc: torch.Tensor,
     b_dec: torch.Tensor,
     k: int,
-    k_aux: int,
-    dead_mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launcher: checks the inputs, returns (values, indices, aux_values, aux_indices)."""
-    check_tensor("x", x, (None, None), FLOAT_DTYPES, "[B, d]")
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher: checks the inputs, returns (values [B, k] in W_enc's dtype, indices int32)."""
+    _check_inputs(x, W_enc, b_enc, b_dec, k, backend)
     B, d = x.shape
-    check_tensor("W_enc", W_enc, (d, None), (x.dtype,), f"[d={d}, n] with x's dtype")
     n = W_enc.shape[1]
-    check_tensor("b_enc", b_enc, (n,), FLOAT_DTYPES, f"[n={n}]")
-    check_tensor("b_dec", b_dec, (d,), FLOAT_DTYPES, f"[d={d}]")
-    _check_k(n, k, k_aux, dead_mask)
-    check_same_device(x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
-    values = torch.empty(B, k, device=x.device, dtype=x.dtype)
+    if backend == "auto":
+        backend = pick_backend(B, d, n, k)
+    xc = (x.float() - b_dec.float()).to(W_enc.dtype)
+    if backend == "dense":
+        z = torch.addmm(b_enc.to(W_enc.dtype), xc, W_enc)
+        values, indices = topk_reference(z, k)
+        return values, indices
+    values = torch.empty(B, k, device=x.device, dtype=W_enc.dtype)
     indices = torch.empty(B, k, device=x.device, dtype=torch.int32)
-    _launch_encode_topk(x, W_enc, b_enc, b_dec, k, values, indices)
-
-    aux_values = torch.zeros(B, k_aux, device=x.device, dtype=x.dtype)
-    aux_indices = torch.zeros(B, k_aux, device=x.device, dtype=torch.int32)
-    if k_aux > 0:
-        check_tensor("dead_mask", dead_mask, (n,), (torch.bool,), f"[n={n}]")
-        check_same_device(x=x, dead_mask=dead_mask)
-        dead = dead_mask.nonzero().squeeze(1)
-        k_live = min(k_aux, dead.numel())
-        if k_live > 0:
-            dead_values = torch.empty(B, k_live, device=x.device, dtype=x.dtype)
-            dead_slots = torch.empty(B, k_live, device=x.device, dtype=torch.int32)
-            W_dead = W_enc.index_select(1, dead)
-            _launch_encode_topk(x, W_dead, b_enc[dead], b_dec, k_live, dead_values, dead_slots)
-            aux_values[:, :k_live] = dead_values
-            aux_indices[:, :k_live] = dead.int()[dead_slots.long()]
-    return values, indices, aux_values, aux_indices
+    _launch_encode_topk(xc, W_enc, b_enc, k, values, indices)
+    return values, indices
 
 
 def encode_topk_backward(
     grad_values: torch.Tensor,
-    grad_aux_values: torch.Tensor,
     x: torch.Tensor,
     W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
     b_dec: torch.Tensor,
     values: torch.Tensor,
     indices: torch.Tensor,
-    aux_values: torch.Tensor,
-    aux_indices: torch.Tensor,
     needs_input_grad: tuple[bool, ...],
 ) -> tuple[torch.Tensor | None, ...]:
-    """(grad x, grad W_enc, grad b_enc, grad b_dec) from the k + k_aux selected slots per row."""
-    g = torch.cat(
-        [torch.where(values > 0, grad_values, 0), torch.where(aux_values > 0, grad_aux_values, 0)],
-        dim=1,
-    ).float()
-    idx = torch.cat([indices, aux_indices], dim=1)
+    """(grad x, grad W_enc, grad b_enc, grad b_dec) from the k selected slots per row."""
+    g = torch.where(values > 0, grad_values, 0).float()
     need_x, need_w, need_b_enc, need_b_dec = needs_input_grad[:4]
     grad_x = grad_w = grad_b_enc = grad_b_dec = None
     if need_x or need_b_dec:
-        gx = sparse_decode_forward(g, idx, W_enc.t().contiguous(), None, torch.float32)
+        gx = sparse_decode_forward(g, indices, W_enc.t().contiguous(), None, torch.float32)
         grad_x = gx.to(x.dtype) if need_x else None
         grad_b_dec = -gx.sum(0).to(b_dec.dtype) if need_b_dec else None
     if need_w or need_b_enc:
         xc = x.float() - b_dec.float()
         grad_w, grad_b_enc = segment_matmul(
-            g, idx, xc, W_enc.shape[1], W_enc.dtype, transpose_out=True, with_colsum=True
+            g, indices, xc, W_enc.shape[1], W_enc.dtype, transpose_out=True, with_colsum=True
         )
+        grad_b_enc = grad_b_enc.to(b_enc.dtype)
     return grad_x, grad_w, grad_b_enc, grad_b_dec
 
 
@@ -257,25 +386,13 @@ def encode_topk_reference(
     b_enc: torch.Tensor,
     b_dec: torch.Tensor,
     k: int,
-    k_aux: int = 0,
-    dead_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain torch (dense z, torch.topk, topk over the dead columns), differentiable; the CPU
-    path. Aux slots beyond the number of dead latents hold value 0 and index 0, as in Triton."""
-    _check_k(W_enc.shape[1], k, k_aux, dead_mask)
-    z = torch.addmm(b_enc, x - b_dec, W_enc)
-    values, indices = topk_reference(z, k)
-    B = x.shape[0]
-    aux_values, aux_indices = z.new_zeros(B, 0), indices.new_zeros(B, 0)
-    if k_aux > 0:
-        dead = dead_mask.nonzero().squeeze(1)
-        k_live = min(k_aux, dead.numel())
-        if k_live > 0:
-            aux_values, dead_slots = topk_reference(z[:, dead], k_live)
-            aux_indices = dead.int()[dead_slots.long()]
-        aux_values = torch.cat([aux_values, z.new_zeros(B, k_aux - k_live)], dim=1)
-        aux_indices = torch.cat([aux_indices, indices.new_zeros(B, k_aux - k_live)], dim=1)
-    return values, indices, aux_values, aux_indices
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch (dense z, torch.topk), differentiable; the CPU path. ``backend`` is checked
+    and otherwise ignored."""
+    _check_inputs(x, W_enc, b_enc, b_dec, k, backend)
+    xc = (x.float() - b_dec.float()).to(W_enc.dtype)
+    return topk_reference(torch.addmm(b_enc.to(W_enc.dtype), xc, W_enc), k)
 
 
 class EncodeTopKFunction(torch.autograd.Function):
@@ -287,27 +404,17 @@ class EncodeTopKFunction(torch.autograd.Function):
         b_enc: torch.Tensor,
         b_dec: torch.Tensor,
         k: int,
-        k_aux: int,
-        dead_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        outs = encode_topk_forward(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask)
-        values, indices, aux_values, aux_indices = outs
-        ctx.save_for_backward(x, W_enc, b_dec, values, indices, aux_values, aux_indices)
-        ctx.mark_non_differentiable(indices, aux_indices)
-        return outs
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        values, indices = encode_topk_forward(x, W_enc, b_enc, b_dec, k, backend)
+        ctx.save_for_backward(x, W_enc, b_enc, b_dec, values, indices)
+        ctx.mark_non_differentiable(indices)
+        return values, indices
 
     @staticmethod
-    def backward(
-        ctx,
-        grad_values: torch.Tensor,
-        _grad_indices: None,
-        grad_aux_values: torch.Tensor,
-        _grad_aux_indices: None,
-    ) -> tuple:
-        grads = encode_topk_backward(
-            grad_values, grad_aux_values, *ctx.saved_tensors, ctx.needs_input_grad
-        )
-        return *grads, None, None, None
+    def backward(ctx, grad_values: torch.Tensor, _grad_indices: None) -> tuple:
+        grads = encode_topk_backward(grad_values, *ctx.saved_tensors, ctx.needs_input_grad)
+        return *grads, None, None
 
 
 def encode_topk(
@@ -316,17 +423,16 @@ def encode_topk(
     b_enc: torch.Tensor,
     b_dec: torch.Tensor,
     k: int,
-    k_aux: int = 0,
-    dead_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TopK SAE encoder: (values, indices, aux_values, aux_indices), see the module docstring.
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TopK SAE encoder: (values [B, k], indices [B, k] int32), see the module docstring.
 
-    values/indices [B, k]: ReLU(TopK_k(z)) of z = (x - b_dec) @ W_enc + b_enc; aux_values/
-    aux_indices [B, k_aux]: the same over the latents with dead_mask True. Differentiable w.r.t.
-    x, W_enc, b_enc and b_dec through both outputs; under autocast the float inputs are cast to
-    the autocast dtype first.
+    values = ReLU(TopK_k(z)) of z = (x - b_dec) @ W_enc + b_enc, sorted descending.
+    Differentiable w.r.t. x, W_enc, b_enc and b_dec. ``backend``: "auto", "fused" or "dense".
+    Under autocast only W_enc is cast to the autocast dtype (x and b_dec stay as given and are
+    centred in fp32; values come out in the autocast dtype).
     """
     if use_triton(x):
-        x, W_enc, b_enc, b_dec = autocast_inputs(x, W_enc, b_enc, b_dec)
-        return EncodeTopKFunction.apply(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask)
-    return encode_topk_reference(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask)
+        (W_enc,) = autocast_inputs(W_enc)
+        return EncodeTopKFunction.apply(x, W_enc, b_enc, b_dec, k, backend)
+    return encode_topk_reference(x, W_enc, b_enc, b_dec, k, backend)

@@ -3,146 +3,207 @@ import math
 import pytest
 import torch
 
-from flashsae.kernels import encode_topk, encode_topk_kernels
-from flashsae.kernels.encode_topk_kernels import encode_topk_forward, encode_topk_reference
-from tests.kernel_checks import (
-    DEVICE,
-    assert_distinct_indices,
-    assert_fp32_grads,
-    assert_grads,
-    assert_launcher_error,
-    assert_rel,
-    float64_leaves,
-    kernel_and_reference,
-    poison_outputs,
+import flashsae.kernels.encode_topk_kernels as encode_topk_kernels
+from flashsae.kernels import encode_topk
+from flashsae.kernels.encode_topk_kernels import (
+    encode_topk_forward,
+    encode_topk_reference,
+    pick_backend,
 )
+from tests.kernel_checks import DEVICE, assert_rel, poison_outputs
 
-FNS = kernel_and_reference(encode_topk, encode_topk_reference)
 
-
-def _inputs(B, d, n, n_dead, dtype, device, shift=0.0):
+def _inputs(B, d, n, dtype, device, shift=0.0):
     x = torch.randn(B, d, device=device, dtype=dtype)
     W_enc = (torch.randn(d, n, device=device) / math.sqrt(d)).to(dtype)
     b_enc = (0.1 * torch.randn(n, device=device) + shift).to(dtype)
     b_dec = (0.1 * torch.randn(d, device=device)).to(dtype)
-    dead_mask = torch.zeros(n, dtype=torch.bool, device=device)
-    dead_mask[torch.randperm(n, device=device)[:n_dead]] = True
-    return x, W_enc, b_enc, b_dec, dead_mask
+    return x, W_enc, b_enc, b_dec
 
 
-def _oracle(x, W_enc, b_enc, b_dec, indices, aux_indices, k_live):
-    """float64, differentiable: the outputs at the given indices (aux slots >= k_live are 0)."""
+def _oracle(x, W_enc, b_enc, b_dec, indices):
+    """float64, differentiable: the outputs at the given indices."""
     z = torch.addmm(b_enc, x - b_dec, W_enc)
-    values = z.gather(1, indices.long()).relu()
-    aux = z.gather(1, aux_indices.long()).relu()
-    live = torch.arange(aux.shape[1], device=aux.device) < k_live
-    return values, torch.where(live, aux, 0.0)
+    return z.gather(1, indices.long()).relu()
 
 
 def _preactivations(x, W_enc, b_enc, b_dec):
-    """float64 z from the inputs, with x - b_dec rounded to the input dtype as the kernel does."""
-    xc = (x - b_dec).double()
+    """float64 z from the inputs, x - b_dec taken in fp32 and rounded to W_enc's dtype as the
+    kernels do."""
+    xc = (x.float() - b_dec.float()).to(W_enc.dtype).double()
     return torch.addmm(b_enc.double(), xc, W_enc.double())
 
 
 def assert_valid_selection(z, values, indices, tol):
     """indices pick a top-k of z (entries within tol of the k-th may swap), values = ReLU(z)."""
     k = indices.shape[1]
-    assert_distinct_indices(indices, z.shape[1])
-    picked = z.gather(1, indices.long())
+    idx = indices.long()
+    assert ((idx >= 0) & (idx < z.shape[1])).all(), "index out of range (unwritten?)"
+    assert (idx.sort(dim=1).values.diff(dim=1) > 0).all(), "repeated index in a row"
+    picked = z.gather(1, idx)
     assert_rel(values, picked.relu(), tol, "values")
     gap = (picked.sort(dim=1, descending=True).values - z.topk(k, dim=1).values).abs().max()
     assert gap <= tol * z.abs().max(), f"not a top-k selection (gap {gap:.3e})"
 
 
-def _check(fn, B, d, n, k, k_aux, n_dead, dtype, tol, device=DEVICE, shift=0.0):
-    x, W_enc, b_enc, b_dec, dead_mask = _inputs(B, d, n, n_dead, dtype, device, shift)
+def _check(fn, B, d, n, k, dtype, tol, device=DEVICE, shift=0.0, **kwargs):
+    x, W_enc, b_enc, b_dec = _inputs(B, d, n, dtype, device, shift)
     leaves = [t.requires_grad_() for t in (x, W_enc, b_enc, b_dec)]
     with poison_outputs():
-        values, indices, aux_values, aux_indices = fn(
-            *leaves, k, k_aux, dead_mask if k_aux else None
-        )
-    assert values.shape == (B, k) and aux_values.shape == (B, k_aux)
-    assert values.dtype == aux_values.dtype == dtype
-    assert indices.dtype == aux_indices.dtype == torch.int32
+        values, indices = fn(*leaves, k, **kwargs)
+    assert values.shape == indices.shape == (B, k)
+    assert values.dtype == dtype and indices.dtype == torch.int32
 
     z = _preactivations(*(t.detach() for t in leaves))
     assert_valid_selection(z, values.detach(), indices, tol)
-    k_live = min(k_aux, n_dead)
-    if k_live:
-        live_idx = aux_indices[:, :k_live]
-        assert dead_mask[live_idx.long()].all(), "aux index of a live latent"
-        among_dead = (dead_mask.cumsum(0) - 1)[live_idx.long()]  # column in z[:, dead_mask]
-        assert_valid_selection(z[:, dead_mask], aux_values[:, :k_live].detach(), among_dead, tol)
-    assert (aux_values[:, k_live:] == 0).all()
-    assert ((aux_indices >= 0) & (aux_indices < n)).all()
 
-    g, g_aux = torch.randn_like(values), torch.randn_like(aux_values)
-    loss = (values.float() * g.float()).sum() + (aux_values.float() * g_aux.float()).sum()
-    grads = torch.autograd.grad(loss, leaves)
-    ref_leaves = float64_leaves(leaves)
-    ref_values, ref_aux = _oracle(*ref_leaves, indices, aux_indices, k_live)
-    ref_loss = (ref_values * g.double()).sum() + (ref_aux * g_aux.double()).sum()
+    g = torch.randn_like(values)
+    grads = torch.autograd.grad((values.float() * g.float()).sum(), leaves)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_loss = (_oracle(*ref_leaves, indices) * g.double()).sum()
     ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
-    assert_grads(("x", "W_enc", "b_enc", "b_dec"), grads, ref_grads, leaves, tol)
+    for name, grad, ref in zip(("x", "W_enc", "b_enc", "b_dec"), grads, ref_grads, strict=True):
+        assert grad.dtype == dtype
+        assert_rel(grad, ref, tol, f"grad {name}")
 
 
-@FNS
+FNS = {
+    "fused": lambda *a: encode_topk(*a, backend="fused"),
+    "dense": lambda *a: encode_topk(*a, backend="dense"),
+    "reference": encode_topk_reference,
+}
+
+
+@pytest.mark.parametrize("fn", list(FNS.values()), ids=list(FNS))
 @pytest.mark.parametrize(
-    "B, d, n, k, k_aux, n_dead, shift",
+    "B, d, n, k, shift",
     [
-        (6, 40, 200, 8, 4, 60, 0.0),  # several latent tiles and splits, d not a block multiple
-        (5, 20, 64, 1, 6, 2, 0.0),  # k = 1; fewer dead latents than k_aux
-        (3, 16, 48, 48, 0, 0, 0.0),  # k = n, not a power of two; no aux
-        (4, 24, 40, 4, 3, 0, 0.0),  # k_aux > 0 but no dead latent
-        (4, 24, 40, 4, 3, 10, -100.0),  # every pre-activation negative
+        (6, 40, 200, 8, 0.0),  # several latent tiles and splits, d not a block multiple
+        (17, 20, 70, 1, 0.0),  # k = 1; two row blocks, the second ragged
+        (3, 16, 48, 48, 0.0),  # k = n, not a power of two
+        (4, 24, 40, 4, -100.0),  # every pre-activation negative
     ],
 )
-def test_encode_topk_fp32(fn, B, d, n, k, k_aux, n_dead, shift):
-    _check(fn, B, d, n, k, k_aux, n_dead, torch.float32, 1e-5, shift=shift)
+def test_encode_topk_fp32(fn, B, d, n, k, shift):
+    _check(fn, B, d, n, k, torch.float32, 1e-5, shift=shift)
 
 
-def test_encode_topk_large_k_chunked(monkeypatch):
-    """k above MAX_FUSED_K (k_aux = d/2 in practice) computes z in row chunks."""
-    calls = []
-    chunked = encode_topk_kernels._launch_chunked
-    monkeypatch.setattr(encode_topk_kernels, "MAX_FUSED_K", 4)
-    monkeypatch.setattr(encode_topk_kernels, "CHUNK_BYTES", 2 * 70 * 4)  # two rows per chunk
-    monkeypatch.setattr(
-        encode_topk_kernels, "_launch_chunked", lambda *a: calls.append(1) or chunked(*a)
-    )
-    _check(encode_topk, 5, 20, 70, 8, 6, 30, torch.float32, 1e-5)
-    assert len(calls) == 2  # main and aux top-k
+def _launch(x, W_enc, b_enc, b_dec, k, **kwargs):
+    """The fused launcher on fp32 inputs: (values, indices, candidates per row)."""
+    values = torch.empty(x.shape[0], k, dtype=W_enc.dtype)
+    indices = torch.empty(x.shape[0], k, dtype=torch.int32)
+    with poison_outputs():
+        counts = encode_topk_kernels._launch_encode_topk(
+            x - b_dec, W_enc, b_enc, k, values, indices, **kwargs
+        )
+    return values, indices, counts
 
 
-@FNS
-def test_aux_gradient_reaches_encoder(fn):
-    """AuxK revives dead latents only if the gradient of aux_values reaches W_enc, b_enc, x and
-    b_dec; an implementation that drops the aux pre-activation gradients fails here."""
-    B, d, n, k, k_aux = 4, 12, 40, 4, 3
-    x, W_enc, b_enc, b_dec, _ = _inputs(B, d, n, 0, torch.float32, DEVICE)
-    dead_mask = torch.arange(n, device=DEVICE) < 10
-    b_enc = torch.where(dead_mask, 2.0, 4.0)  # dead latents positive, mostly outside the top-k
-    leaves = [t.requires_grad_() for t in (x, W_enc, b_enc, b_dec)]
-    values, indices, aux_values, aux_indices = fn(*leaves, k, k_aux, dead_mask)
-    assert (aux_values > 0).all() and dead_mask[aux_indices.long()].all()
-    grads = torch.autograd.grad(aux_values.sum(), leaves, allow_unused=True)
-    assert all(g is not None for g in grads), "aux outputs are not connected to the inputs"
+def _assert_exact(x, W_enc, b_enc, b_dec, values, indices):
+    z = _preactivations(x, W_enc, b_enc, b_dec)
+    assert_valid_selection(z, values, indices, 1e-6)
 
-    ref_leaves = float64_leaves(leaves)
-    _, ref_aux = _oracle(*ref_leaves, indices, aux_indices, k_aux)
-    ref_grads = torch.autograd.grad(ref_aux.sum(), ref_leaves)
-    for name, grad, ref in zip(("x", "W_enc", "b_enc", "b_dec"), grads, ref_grads, strict=True):
-        assert ref.abs().sum() > 0
-        assert_rel(grad, ref, 1e-5, f"grad {name}")
-    counts = torch.bincount(aux_indices.reshape(-1).long(), minlength=n).float()
-    torch.testing.assert_close(grads[2], counts, rtol=0, atol=0)
+
+def test_candidates_skip_most_columns():
+    """i.i.d. columns: after the warm-up few entries beat the running threshold, and the
+    selection from the candidates alone is exact (no row overflows)."""
+    B, d, n, k = 4, 16, 1024, 4
+    x, W_enc, b_enc, b_dec = _inputs(B, d, n, torch.float32, DEVICE)
+    values, indices, counts = _launch(x, W_enc, b_enc, b_dec, k, capacity=n, warmup=2, refresh=3)
+    _assert_exact(x, W_enc, b_enc, b_dec, values, indices)
+    assert (counts >= 2 * k).all()  # each of the two splits keeps at least k_pad entries
+    assert counts.float().mean() < n / 6, f"threshold skips too little: {counts.tolist()}"
+
+
+@pytest.mark.parametrize("warmup, refresh", [(1, 1), (0, 100), (3, 2)])
+def test_refresh_schedules_are_exact(warmup, refresh):
+    """Any refresh schedule gives the exact top-k (a stale threshold only admits more)."""
+    B, d, n, k = 5, 12, 400, 8
+    x, W_enc, b_enc, b_dec = _inputs(B, d, n, torch.float32, DEVICE)
+    kw = {"capacity": n, "warmup": warmup, "refresh": refresh}
+    values, indices, counts = _launch(x, W_enc, b_enc, b_dec, k, **kw)
+    _assert_exact(x, W_enc, b_enc, b_dec, values, indices)
+    assert (counts <= n).all()
+
+
+def test_adversarial_rows_overflow_and_stay_exact():
+    """Rows whose z increases with the column beat every threshold and overflow the buffer;
+    they are recomputed by the overflow kernel while the other rows use their candidates."""
+    B, d, n, k = 20, 16, 300, 8
+    x, W_enc, b_enc, b_dec = _inputs(B, d, n, torch.float32, DEVICE)
+    b_dec.zero_()
+    W_enc[0] = torch.arange(n, dtype=torch.float32) / 10  # z ≈ x[:, 0] · col / 10 + noise
+    x[:, 0] = 0.0
+    x[::3, 0] = 1.0 + torch.rand(len(range(0, B, 3)))  # every third row increasing
+    x[1::7, 0] = -1.0  # decreasing rows: the first tiles hold the answer
+    values, indices, counts = _launch(x, W_enc, b_enc, b_dec, k, capacity=64)
+    _assert_exact(x, W_enc, b_enc, b_dec, values, indices)
+    increasing = x[:, 0] > 0
+    assert (counts[increasing] > 64).all(), counts.tolist()
+    assert (counts[~increasing] <= 64).any(), counts.tolist()
+
+
+def test_all_rows_overflow():
+    """Capacity below k: every row overflows; the result is still the exact top-k."""
+    B, d, n, k = 7, 8, 200, 16
+    x, W_enc, b_enc, b_dec = _inputs(B, d, n, torch.float32, DEVICE)
+    values, indices, counts = _launch(x, W_enc, b_enc, b_dec, k, capacity=4)
+    _assert_exact(x, W_enc, b_enc, b_dec, values, indices)
+    assert (counts > 4).all()
+
+
+def test_ties_keep_k_distinct_columns():
+    """Many equal pre-activations (z >= t admits all of them): k distinct tied columns."""
+    B, d, n, k = 3, 16, 256, 8
+    x = torch.randn(B, d)
+    W_enc = torch.zeros(d, n)
+    b_enc = torch.zeros(n)
+    b_enc[::5] = 1.0
+    values, indices, _ = _launch(x, W_enc, b_enc, torch.zeros(d), k, capacity=n)
+    assert (values == 1.0).all()
+    assert (indices.long() % 5 == 0).all()
+    assert (indices.sort(dim=1).values.diff(dim=1) > 0).all()
+
+
+def test_pick_backend_estimate():
+    assert pick_backend(8192, 768, 32768, 32) == "fused"
+    assert pick_backend(8192, 768, 32768, 1024) == "dense"  # k_pad above MAX_FUSED_K
+    assert pick_backend(8192, 768, 1024, 32) == "dense"  # tiny n
+
+
+def test_dense_backend_for_large_k():
+    """k above MAX_FUSED_K: "auto" uses the dense path, "fused" refuses."""
+    B, d, n = 3, 8, 600
+    _check(FNS["reference"], B, d, n, 300, torch.float32, 1e-5)
+    _check(encode_topk, B, d, n, 300, torch.float32, 1e-5)
+    with pytest.raises(ValueError, match="backend 'fused' needs k <= 256"):
+        encode_topk_forward(*_inputs(B, d, n, torch.float32, DEVICE), 300, "fused")
+
+
+@pytest.mark.parametrize("backend", ["dense", pytest.param("fused", marks=pytest.mark.gpu)])
+def test_centring_in_fp32_under_autocast(backend):
+    """x and b_dec stay fp32 under autocast; only W_enc is rounded: z must match fp32
+    centring (rounding x and b_dec first would move x_c by up to 2^-8 relative)."""
+    B, d, n, k = 4, 16, 64, 4
+    x, W_enc, b_enc, b_dec = _inputs(B, d, n, torch.float32, DEVICE)
+    x = x + 100.0
+    b_dec = b_dec + 100.0  # x_c small next to x and b_dec: bf16 rounding first would show
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        values, indices = encode_topk(x, W_enc, b_enc, b_dec, k, backend=backend)
+    assert values.dtype == torch.bfloat16
+    z = _preactivations(x, W_enc.bfloat16(), b_enc, b_dec)
+    assert_valid_selection(z, values.double(), indices, 1e-2)
+    z_rounded_first = _preactivations(x.bfloat16(), W_enc.bfloat16(), b_enc, b_dec.bfloat16())
+    assert rel_gap(z, z_rounded_first) > 1e-2  # the test distinguishes the two
+
+
+def rel_gap(a, b):
+    return ((a - b).norm() / a.norm()).item()
 
 
 def _args(B=4, d=6, n=10):
-    x, W_enc, b_enc, b_dec, dead_mask = _inputs(B, d, n, 3, torch.float32, DEVICE)
-    return {"x": x, "W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec, "k": 2, "k_aux": 2,
-            "dead_mask": dead_mask}  # fmt: skip
+    x, W_enc, b_enc, b_dec = _inputs(B, d, n, torch.float32, DEVICE)
+    return {"x": x, "W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec, "k": 2}
 
 
 @pytest.mark.parametrize(
@@ -150,44 +211,65 @@ def _args(B=4, d=6, n=10):
     [
         ({"x": lambda t: t[0]}, r"x must have shape \[B, d\]"),
         ({"W_enc": lambda t: t[:5].contiguous()}, r"W_enc must have shape \[d=6, n\]"),
-        ({"W_enc": lambda t: t.bfloat16()}, "W_enc must have dtype float32"),
+        ({"W_enc": lambda t: t.double()}, "W_enc must have dtype float32"),
+        ({"x": lambda t: t.bfloat16(), "W_enc": lambda t: t.half()}, "x must have dtype float32"),
         ({"W_enc": lambda t: t.t().contiguous().t()}, "W_enc must be contiguous"),
         ({"b_enc": lambda t: t[:9]}, r"b_enc must have shape \[n=10\]"),
         ({"b_dec": lambda t: t.double()}, "b_dec must have dtype"),
         ({"k": lambda k: 0}, r"k must be in \[1, n=10\], got 0"),
         ({"k": lambda k: 11}, r"k must be in \[1, n=10\], got 11"),
-        ({"k_aux": lambda k: 11}, r"k_aux must be in \[0, n=10\], got 11"),
-        ({"dead_mask": lambda m: None}, "k_aux > 0 needs dead_mask"),
-        ({"dead_mask": lambda m: m.float()}, "dead_mask must have dtype bool"),
-        ({"dead_mask": lambda m: m[:9]}, r"dead_mask must have shape \[n=10\]"),
+        ({"backend": lambda b: "cublas"}, "backend must be one of auto, fused, dense"),
     ],
 )
 def test_encode_topk_launcher_errors(change, match):
-    assert_launcher_error(encode_topk_forward, _args(), change, match)
+    args = {**_args(), "backend": "auto"}
+    for name, fn in change.items():
+        args[name] = fn(args[name])
+    with pytest.raises(ValueError, match=match):
+        encode_topk_forward(**args)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["fused", "dense"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize(
-    "B, d, n, k, k_aux, n_dead",
+    "B, d, n, k",
     [
-        (4096, 768, 32768, 32, 384, 1638),  # 5% dead
-        (4096, 2048, 65536, 64, 1024, 200),  # fewer dead latents than k_aux, large k_aux
-        (16, 768, 32768, 32, 384, 100),  # few rows: many latent splits; fewer dead than k_aux
+        (4096, 768, 32768, 32),
+        (4096, 2048, 65536, 64),
+        (16, 768, 32768, 32),  # few rows: many latent splits
+        (1000, 512, 20000, 128),  # ragged rows and latents, larger k
     ],
 )
-def test_encode_topk_gpu(dtype, tol, B, d, n, k, k_aux, n_dead):
-    _check(encode_topk, B, d, n, k, k_aux, n_dead, dtype, tol, device="cuda")
+def test_encode_topk_gpu(backend, dtype, tol, B, d, n, k):
+    _check(encode_topk, B, d, n, k, dtype, tol, device="cuda", backend=backend)
+
+
+@pytest.mark.gpu
+def test_encode_topk_gpu_adversarial():
+    """Half the rows increasing with the column: they overflow and must still be exact."""
+    B, d, n, k = 512, 768, 32768, 32
+    x, W_enc, b_enc, b_dec = _inputs(B, d, n, torch.bfloat16, "cuda")
+    W_enc[0] = (torch.arange(n, device="cuda") / n).bfloat16()
+    x[::2, 0] = 50.0
+    values, indices = encode_topk(x, W_enc, b_enc, b_dec, k, backend="fused")
+    z = _preactivations(x, W_enc, b_enc, b_dec)
+    assert_valid_selection(z, values.double(), indices, 1e-2)
 
 
 @pytest.mark.gpu
 def test_encode_topk_gpu_autocast():
     """fp32 master weights under bf16 autocast: bf16 outputs, fp32 gradients."""
-    x, W_enc, b_enc, b_dec, dead_mask = _inputs(512, 768, 8192, 100, torch.float32, "cuda")
+    x, W_enc, b_enc, b_dec = _inputs(512, 768, 8192, torch.float32, "cuda")
     for t in (W_enc, b_enc, b_dec):
         t.requires_grad_()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        values, _, aux_values, _ = encode_topk(x, W_enc, b_enc, b_dec, 32, 64, dead_mask)
-    assert values.dtype == aux_values.dtype == torch.bfloat16
-    (values.float().sum() + aux_values.float().sum()).backward()
-    assert_fp32_grads(W_enc, b_enc, b_dec)
+    for backend in ("fused", "dense"):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            values, indices = encode_topk(x, W_enc, b_enc, b_dec, 32, backend=backend)
+        assert values.dtype == torch.bfloat16
+        z = _preactivations(x, W_enc.detach().bfloat16(), b_enc.detach(), b_dec.detach())
+        assert_valid_selection(z, values.detach().double(), indices, 1e-2)
+        values.float().sum().backward()
+        for t in (W_enc, b_enc, b_dec):
+            assert t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all()
+            t.grad = None

@@ -2,8 +2,8 @@
 
 Each case is one launch configuration a launcher in kernels/ chooses at the benchmark shapes
 (d, n, k) in SHAPES with B = 8192, bf16 and fp32 inputs, AuxK k_aux = d/2. It is compiled with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``; ``ptxas -v`` on the PTX
-gives spill bytes, ``cuobjdump -res-usage`` on the cubin registers and static shared memory,
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``; Triton's own ``ptxas -v``
+log gives spill bytes, ``cuobjdump -res-usage`` on the cubin registers and static shared memory,
 ``cuobjdump -sass`` the instruction mix. A case fails on a compile error, any spill, more than
 255 registers, or more shared memory than Hopper has (227 KiB per block, 228 KiB per SM).
 Every ``@triton.jit`` kernel in kernels/ (a jit function no other jit function calls) must have
@@ -17,8 +17,10 @@ instructions: INT_OPS below (uniform-datapath U* instructions are not counted).
 
 import argparse
 import ast
+import contextlib
 import importlib
 import importlib.util
+import io
 import os
 import re
 import subprocess
@@ -412,7 +414,7 @@ def check(record: Record) -> list[str]:
     """The reasons a record fails (empty: it passes)."""
     name = f"{record.module}.{record.kernel} [{record.config}]"
     if record.error:
-        return [f"{name}: compile error: {record.error}"]
+        return [f"{name}: failed: {record.error}"]
     problems = []
     if record.spill_bytes > 0:
         problems.append(f"{name}: {record.spill_bytes} bytes of register spills")
@@ -470,9 +472,8 @@ def _import_kernels(module: str) -> object:
 
 def _tool(name: str) -> str:
     from triton import knobs
-    from triton.backends.nvidia.compiler import get_ptxas
 
-    return get_ptxas(90).path if name == "ptxas" else knobs.nvidia.cuobjdump.path
+    return getattr(knobs.nvidia, name).path
 
 
 def _run(cmd: list[str]) -> str:
@@ -536,15 +537,16 @@ def tile_estimate(instrs: list[tuple[int, str, str]], case: Case) -> dict | None
     inner = [i for i in instrs if k_lo <= i[0] <= k_hi]
     rest = [i for i in instrs if n_lo <= i[0] <= n_hi and not k_lo <= i[0] <= k_hi]
     warps = case.num_warps
-    flops = 0.0
+    warpgroup_clk = sass_flops = 0.0
     for group, times in ((inner, iters), (rest, 1)):
         for _, op, text in group:
             if op == "HGMMA":
                 m, n, k = map(int, re.search(r"HGMMA\.(\d+)x(\d+)x(\d+)", text).groups())
                 dtype = re.search(r"\.(BF16|F16|TF32)", text).group(1)
-                flops += times * 2 * m * n * k / MMA_FLOP_PER_CLK[dtype]
+                warpgroup_clk += times * 2 * m * n * k / MMA_FLOP_PER_CLK[dtype]
+                sass_flops += times * 2 * m * n * k * warps / 4
     # HGMMA is issued per warpgroup (4 warps): count it once per warpgroup.
-    mma_clk = flops * warps / 4
+    mma_clk = warpgroup_clk * warps / 4
     int_instr = {}
     for group, times in ((inner, iters), (rest, 1)):
         for _, op, _ in group:
@@ -559,7 +561,7 @@ def tile_estimate(instrs: list[tuple[int, str, str]], case: Case) -> dict | None
     return {
         "k_iters": iters,
         "mma_clk": mma_clk,
-        "tile_flops": tile_flops,
+        "flop_ratio": sass_flops / tile_flops,
         "int_instr_per_warp": sum(int_instr.values()),
         "int_clk": int_clk,
         "issue_clk": warps * all_instr / 4,
@@ -591,21 +593,23 @@ def compile_case(case: Case) -> Record:
         options = {"num_warps": case.num_warps}
         if case.num_stages is not None:
             options["num_stages"] = case.num_stages
-        compiled = triton.compile(
-            ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-            target=GPUTarget("cuda", 90, 32),
-            options=options,
-        )
+        log = io.StringIO()  # Triton's own ptxas -v log (TRITON_DUMP_PTXAS_LOG), printed
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(
+                ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                target=GPUTarget("cuda", 90, 32),
+                options=options,
+            )
         record.smem_dynamic = int(compiled.metadata.shared)
         with tempfile.TemporaryDirectory() as tmp:
-            ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
-            ptx.write_text(compiled.asm["ptx"])
+            cubin = Path(tmp) / "k.cubin"
             cubin.write_bytes(compiled.asm["cubin"])
-            log = _run([_tool("ptxas"), "-v", "--gpu-name=sm_90a", str(ptx), "-o", f"{ptx}.o"])
             usage = _run([_tool("cuobjdump"), "-res-usage", str(cubin)])
             sass = _run([_tool("cuobjdump"), "-sass", str(cubin)])
-        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-        record.spill_bytes = sum(int(s) + int(ld) for s, ld in spills)
+        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
+        if not spills:
+            raise RuntimeError(f"no ptxas -v log captured: {log.getvalue()[-500:]!r}")
+        record.spill_bytes = sum(int(st) + int(ld) for st, ld in spills)
         res = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
         record.regs, record.stack_bytes, record.smem_static = map(int, res.groups()[:3])
         instrs = parse_sass(sass)
@@ -615,6 +619,8 @@ def compile_case(case: Case) -> Record:
         record.int_ops = sum(ops[op] for op in INT_OPS)
         if case.kernel == "_encode_topk_kernel":
             record.estimate = tile_estimate(instrs, case)
+            if record.estimate is None:
+                raise RuntimeError("no K-loop inside an N-tile loop found in the SASS")
     except Exception as e:  # noqa: BLE001 - every failure is reported, none stops the others
         record.error = f"{type(e).__name__}: {e}".strip()[-3000:]
     record.seconds = time.perf_counter() - start
@@ -624,6 +630,7 @@ def compile_case(case: Case) -> Record:
 def _worker_init(cache_dir: str) -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_CACHE_DIR"] = cache_dir
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, stated
 
 
@@ -676,11 +683,13 @@ def markdown(records: list[Record], seconds: float, failures: list[str]) -> str:
         "int clk = warps x (ALU+IMAD x 0.5 + SHFL x 1). Issue clk = warps x instructions / 4 "
         "(one warp-instruction per sub-partition per clock). Dynamic counts per tile = K-loop "
         "body (innermost SASS loop with HGMMA) x D/BLOCK_K + rest of the N-tile loop x 1. "
-        "MMA and integer work can overlap; the larger of the two bounds the tile.",
+        "MMA and integer work can overlap; the larger of the two bounds the tile. The last "
+        "ratio checks the loop model: HGMMA FLOP counted this way over 2 x BLOCK_M x BLOCK_N x D "
+        "(1 for one bf16 pass; tf32x3 issues more than one pass).",
         "",
         "| config | used at | K iters | MMA clk | INT instr/warp | INT clk | issue clk "
-        "| INT/MMA | top INT ops (dynamic, per warp) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| INT/MMA | SASS MMA FLOP / tile FLOP | top INT ops (dynamic, per warp) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in records:
         e = r.estimate
@@ -690,7 +699,7 @@ def markdown(records: list[Record], seconds: float, failures: list[str]) -> str:
         lines.append(
             f"| {r.config} | {'; '.join(r.where)} | {e['k_iters']} | {e['mma_clk']:.0f} | "
             f"{e['int_instr_per_warp']} | {e['int_clk']:.0f} | {e['issue_clk']:.0f} | "
-            f"{e['int_over_mma']:.2f} | {top} |"
+            f"{e['int_over_mma']:.2f} | {e['flop_ratio']:.2f} | {top} |"
         )
     lines += ["", "## Failures", ""] + ([f"- {f}" for f in failures] or ["none"])
     return "\n".join(lines) + "\n"

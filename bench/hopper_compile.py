@@ -63,14 +63,14 @@ DTYPES = ("bf16", "fp32")  # input dtype; under bf16 autocast every float tensor
 SM_COUNTS = (132, 114)  # H100 SXM / H200, H100 PCIe: the SM counts the split logic can see
 
 MODULES = {
-    "topk": "topk",
-    "encode_topk": "encode_topk",
-    "sparse_decode": "sparse_decode",
-    "segment_matmul": "segment_matmul",
-    "decoder_norm": "decoder_norm",
-    "gated": "gated",
-    "jumprelu": "jumprelu",
-    "capture": "capture",
+    "topk": "topk_kernels",
+    "encode_topk": "encode_topk_kernels",
+    "sparse_decode": "sparse_decode_kernels",
+    "segment_matmul": "segment_matmul_kernels",
+    "decoder_norm": "decoder_norm_kernels",
+    "gated": "gated_kernels",
+    "jumprelu": "jumprelu_kernels",
+    "capture": "capture_kernels",
 }
 
 
@@ -110,7 +110,7 @@ def topk_cases(B: int, N: int, k: int, dt: str, is_keys: bool) -> list[Case]:
         z_ptr=Ptr("i64" if is_keys else dt), val_ptr=Ptr(dt), idx_ptr=Ptr("i32"), B=B, N=N, K=k,
         K_PAD=k_pad, IS_KEYS=is_keys, BLOCK_M=block_m, BLOCK_N=block_n,
     )  # fmt: skip
-    warps = 4 if block_m * block_n <= 2048 else 8
+    warps = _import_kernels(MODULES["topk"]).topk_num_warps(block_m, block_n)
     return [Case(MODULES["topk"], "_topk_kernel", args, warps)]
 
 

@@ -279,3 +279,34 @@ def test_matryoshka_loss_is_the_mean_over_nested_prefixes():
     ).mean()
     torch.testing.assert_close(rec, expected)
     torch.testing.assert_close(x_hat, sae.decode(f))
+
+
+@pytest.mark.parametrize("budget", [None, 2])
+def test_auxk_gives_the_segment_reduction_no_padded_pairs(monkeypatch, budget):
+    """With fewer dead latents (2) than k_aux (8), the Triton path (interpreter) hands the segment
+    reductions of the backward exactly B·k pairs for the encoder, B·k for the decoder and B·2
+    for AuxK's decoder: no slot stands for a latent that is not dead (no pile-up on latent 0).
+    ``budget`` None gathers the dead latents exactly; 2 is what the trainer sets for 2 dead."""
+    from flashsae.kernels import encode_topk_kernels, segment_matmul_kernels, sparse_decode_kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    sae = _build("topk", _Stream())
+    sae.dead_budget = budget
+    x = _Stream().batch(0, 8) * sae.cfg.input_scale
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[[17, 40]] = True
+    pairs = []
+
+    def counted(coef, indices, *args, **kwargs):
+        pairs.append((indices.numel(), set(indices.unique().tolist())))
+        return segment_matmul_kernels.segment_matmul(coef, indices, *args, **kwargs)
+
+    for module in (encode_topk_kernels, sparse_decode_kernels):
+        monkeypatch.setattr(module, "segment_matmul", counted)
+    loss, parts, _ = sae.training_loss(x, dead, 1.0)
+    assert parts["aux"] > 0
+    loss.backward()
+    B, k = x.shape[0], sae.cfg.k
+    assert sorted(n for n, _ in pairs) == sorted([B * k, B * k, B * 2])
+    (aux_latents,) = [lat for n, lat in pairs if n == B * 2]
+    assert aux_latents == {17, 40}

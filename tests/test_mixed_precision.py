@@ -1,5 +1,6 @@
 """bf16 training (autocast, fp32 master weights) against fp32; the training step's host syncs."""
 
+import json
 import sys
 
 import pytest
@@ -30,6 +31,7 @@ def test_bf16_and_fp32_runs_reach_the_same_fvu(torch_path, tmp_path):
         )  # fmt: skip
         metrics[dtype] = run(cfg)
     assert RunConfig.load(tmp_path / "bf16" / "config.json").dtype == "bf16"
+    assert json.loads((tmp_path / "bf16" / "cfg.json").read_text())["train_dtype"] == "bf16"
     fp32, bf16 = metrics["fp32"]["fvu"], metrics["bf16"]["fvu"]
     assert fp32 < 0.6 and abs(bf16 - fp32) <= 0.05 * fp32, (fp32, bf16)
 

@@ -20,11 +20,13 @@ from . import __version__
 from .sae import SAE, SAE_CLASSES, SAEConfig
 
 
-def save_sae(sae: SAE, folder: Path) -> None:
+def save_sae(sae: SAE, folder: Path, train_dtype: str | None = None) -> None:
     """Write ``sae.safetensors`` and ``cfg.json`` to ``folder``.
 
     The input scale s used in training is folded into the weights (``input_scale`` 1) and
-    recorded as ``normalization.scale``: metrics in the run's units use x·s.
+    recorded as ``normalization.scale``: metrics in the run's units use x·s. ``train_dtype``
+    (the compute dtype of training, "bf16" or "fp32") is recorded when given; the saved
+    weights are fp32 either way.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -36,6 +38,7 @@ def save_sae(sae: SAE, folder: Path) -> None:
         "input_scale": 1.0,
         "normalization": {"scale": sae.cfg.input_scale, "folded": True},
         "flashsae_version": __version__,
+        **({"train_dtype": train_dtype} if train_dtype else {}),
     }
     (folder / "cfg.json").write_text(json.dumps(cfg, indent=2))
 

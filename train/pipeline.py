@@ -153,12 +153,13 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     loader = ActivationLoader(
         data.cache, cfg.site, cfg.batch_size, seed=cfg.seed, device=data.device
     )
-    summary = train_sae(sae, loader, train_config(cfg, data.device), logger, out / "train_state.pt")
+    train_cfg = train_config(cfg, data.device)
+    summary = train_sae(sae, loader, train_cfg, logger, out / "train_state.pt")
 
     sae.eval()
     results, freqs = evaluate(sae, data.model, data.eval_sequences())
     metrics = {k: results[k] for k in METRIC_KEYS} | summary
-    save_sae(sae, out)
+    save_sae(sae, out, train_cfg.dtype)
     density_histogram(freqs, out / "density.png")
     (out / "metrics.json.tmp").write_text(json.dumps(metrics, indent=2))
     (out / "metrics.json.tmp").replace(out / "metrics.json")

@@ -13,7 +13,7 @@ columns and walks their runs in lockstep, BLOCK_J pairs of each latent a step: i
 [BLOCK_N, BLOCK_J, BLOCK_D] x rows, adds coef · x into an fp32 accumulator of the same shape on
 the FMA pipe, and sums the BLOCK_J axis once at the end. Every FMA belongs to a real pair: the
 work is P·d multiply-adds, not the P·BLOCK_N·d of a one-hot tl.dot, and there is no MMA (so no
-tf32x3, whatever the dtype; products and sums are exact fp32 operations). The output tile is
+tf32x3, whatever the dtype: IEEE fp32 products and fp32 accumulation). The output tile is
 BLOCK_N latents wide, so the [d, n] layout is written in whole 32-byte sectors.
 
 Load balance. A latent with more than CHUNK pairs (one that fires on most rows) is split into
@@ -25,16 +25,20 @@ program → (group, chunk) table) is computed on the device with sorts, cumsums 
 searchsorted, without a host synchronisation; the grid is sized by the bound
 cdiv(n, BLOCK_N) + P // CHUNK on the number of (group, chunk) items, and surplus programs exit.
 
-Cost estimate at B = 8192, k = 32, n = 32768, d = 768 (P = 262,144; an estimate from the
-instruction counts below, not a measurement):
-  * one-hot tl.dot (before): P·32·d = 6.4·10⁹ MACs = 12.9 GFLOP, issued as tf32x3 (three
-    tf32 MMAs, plus the hi/lo splitting), i.e. ≥ 78 µs at the H100's 495 TFLOP/s dense tf32
-    peak before the one-hot construction (SEL/ISETP per pair × latent) and the gather;
-  * lockstep (now): P·d = 2.0·10⁸ FMAs (≈ 6 µs of the 67 TFLOP/s fp32 pipe even at half the
-    lanes busy), so the floor is the gather: P·d·2 B = 403 MB of bf16 x rows from L2 (x itself,
-    12.6 MB, stays resident), ≈ 70 µs at ~6 TB/s, overlapping the 101 MB fp32 write of out
-    (≈ 30 µs at 3.35 TB/s). The kernel is memory-bound, as a weight gradient of a k-sparse
-    layer should be.
+Cost estimate at B = 8192, k = 32, n = 32768, d = 768 (P = 262,144 pairs, P·d = 2.0·10⁸
+pair-columns; from sm_90 SASS compiled without a GPU, not a measurement):
+  * one-hot tl.dot (before): P·32·d = 6.4·10⁹ MACs (12.9 GFLOP) as tf32x3, i.e. three tf32
+    MMAs plus the hi/lo split of both operands (≥ 78 µs at the H100's 495 TFLOP/s dense tf32
+    peak). Per 32-pair × 128-column step: 795 instructions per thread, 96 of them HMMA and
+    ~300 the split and one-hot (FSETP/FADD/SEL): 0.78 warp-instructions per pair-column,
+    ≈ 1.7·10⁸ in all, ≈ 190 µs of issue on 132 SMs.
+  * lockstep (now): P·d FMAs. Per 8 × 8 × 64 step: 190 instructions per thread (4 LDG.128
+    gathers, 32 FFMA, the rest addresses and bf16 unpacking), 0.19 warp-instructions per
+    pair-column; with runs of ~8 pairs about half the lanes are busy (a step takes BLOCK_J
+    pairs of each of BLOCK_N latents, a group walks as long as its longest run), ≈ 7.5·10⁷
+    warp-instructions ≈ 80 µs of issue. The gather moves P·d·2 B = 403 MB of bf16 x rows
+    from L2 (x, 12.6 MB, stays resident), ≈ 60-70 µs, overlapping the 101 MB fp32 write of
+    out (≈ 30 µs at 3.35 TB/s): issue- and gather-bound at about 80 µs, no tensor cores.
 
 This is a backward building block, so it has no autograd Function; on the CPU (interpreter off)
 it runs the float64 reference.
@@ -46,7 +50,7 @@ import triton.language as tl
 
 from .utils import FLOAT_DTYPES, check_same_device, check_tensor, use_triton
 
-BLOCK_N = 8  # latents per program: 8 fp32 (16 bf16) latents fill a 32-byte sector of [d, n]
+BLOCK_N = 8  # latents per program: 8 fp32 latents fill a 32-byte sector of [d, n]
 BLOCK_J = 8  # pairs of each latent per lockstep step
 CHUNK = 128  # pairs of one latent per program; a multiple of BLOCK_J
 

@@ -12,9 +12,9 @@ Layout. The P = B·k (row, slot) pairs are stably sorted by latent, so latent i 
 columns and walks their runs in lockstep, BLOCK_J pairs of each latent a step: it gathers the
 [BLOCK_N, BLOCK_J, BLOCK_D] x rows, adds coef · x into an fp32 accumulator of the same shape on
 the FMA pipe, and sums the BLOCK_J axis once at the end. Every FMA belongs to a real pair: the
-work is P·d multiply-adds, not the P·BLOCK_N·d of a one-hot tl.dot, and there is no MMA (so no
-tf32x3, whatever the dtype: IEEE fp32 products and fp32 accumulation). The output tile is
-BLOCK_N latents wide, so the [d, n] layout is written in whole 32-byte sectors.
+work is P·d multiply-adds, not the P·32·d of a one-hot tl.dot over 32-latent tiles, and there
+is no MMA (so no tf32x3, whatever the dtype: IEEE fp32 products and fp32 accumulation). The
+output tile is BLOCK_N latents wide, so fp32 [d, n] output is written in whole 32-byte sectors.
 
 Load balance. A latent with more than CHUNK pairs (one that fires on most rows) is split into
 chunks of CHUNK pairs that separate programs reduce into an fp32 scratch row each; a second

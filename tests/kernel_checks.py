@@ -1,5 +1,7 @@
 """Helpers shared by the kernel tests (tests/test_kernel_*.py): poisoned outputs, relative
-errors, gradient comparison, input generators and launcher-error checks."""
+errors, gradient comparison, input generators, launcher-error checks, and the comparison of
+discontinuous functions (Heaviside steps, windows, ReLU gates) against a float64 oracle, where
+rounding may flip decisions next to the threshold."""
 
 import contextlib
 from collections.abc import Callable, Sequence
@@ -46,6 +48,58 @@ def assert_rel(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str) -> N
     assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten output?)"
     err = rel_err(out, ref)
     assert err < tol, f"{name}: relative error {err:.3e} >= {tol:.1e}"
+
+
+def ulp32(t: torch.Tensor) -> torch.Tensor:
+    """Spacing of the fp32 numbers at |t|, in float64: 2^(e - 24) for |t| in [2^(e-1), 2^e)
+    (at least 2^-149, the subnormal spacing)."""
+    _, e = torch.frexp(t.double().abs())
+    return torch.ldexp(torch.ones_like(t, dtype=torch.float64), (e - 24).clamp_min(-149))
+
+
+def assert_flips(out_on: torch.Tensor, ref_on: torch.Tensor, near: torch.Tensor, name: str) -> int:
+    """The kernel's decisions out_on (e.g. f != 0) agree with the oracle's ref_on everywhere
+    except where ``near`` (the oracle's argument within a stated rounding band of the
+    threshold). Returns the number of flips, all of them inside the band."""
+    flips = out_on != ref_on
+    stray = flips & ~near
+    if stray.any():
+        where = tuple(i.item() for i in stray.nonzero()[0])
+        raise AssertionError(
+            f"{name}: {stray.sum().item()} decisions differ from the oracle outside the "
+            f"rounding band (first at {where}), {flips.sum().item()} in all"
+        )
+    return int(flips.sum().item())
+
+
+def bracket(
+    on_value: torch.Tensor,
+    ref_on: torch.Tensor,
+    near: torch.Tensor,
+    dim: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range [lo, hi] of Σ_dim on_value · 1[decision] (elementwise when dim is None) over
+    every choice of the decisions inside the rounding band ``near``; outside it the decision
+    is the oracle's ref_on. on_value is what a term contributes when its decision is on."""
+    v = on_value.double()
+    fixed = torch.where(ref_on & ~near, v, 0.0)
+    lo = fixed + torch.where(near, v.clamp(max=0), 0.0)
+    hi = fixed + torch.where(near, v.clamp(min=0), 0.0)
+    return (lo, hi) if dim is None else (lo.sum(dim), hi.sum(dim))
+
+
+def assert_rel_bracketed(
+    out: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, tol: float, name: str
+) -> None:
+    """||out - clamp(out, lo, hi)|| / ||(lo + hi) / 2|| < tol: out is within relative error tol
+    of some value the oracle allows, given the decisions left free by ``bracket``."""
+    assert out.shape == lo.shape, f"{name}: shape {tuple(out.shape)} != {tuple(lo.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten output?)"
+    o = out.double()
+    excess = o - torch.minimum(torch.maximum(o, lo), hi)
+    scale = torch.linalg.vector_norm((lo + hi) / 2).item()
+    err = torch.linalg.vector_norm(excess).item() / (scale if scale > 0 else 1.0)
+    assert err < tol, f"{name}: relative error {err:.3e} >= {tol:.1e} beyond the rounding band"
 
 
 def float64_leaves(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -5,67 +5,124 @@ from flashsae.kernels import gated
 from flashsae.kernels.gated_kernels import gated_backward, gated_forward, gated_reference
 from tests.kernel_checks import (
     DEVICE,
+    assert_flips,
     assert_fp32_grads,
-    assert_grads,
     assert_launcher_error,
     assert_rel,
-    float64_leaves,
+    assert_rel_bracketed,
+    bracket,
     kernel_and_reference,
     poison_outputs,
+    ulp32,
 )
 
 FNS = kernel_and_reference(gated, gated_reference)
 
 
-def _oracle(pre, b_gate, r_mag, b_mag):
-    """float64, written out from the Gated SAE equations; differentiable."""
-    gate = pre + b_gate
-    mag = torch.exp(r_mag) * pre + b_mag
-    return (gate > 0).double() * mag.clamp_min(0), gate.clamp_min(0)
-
-
-def _inputs(B, n, dtype, device):
+def _inputs(B, n, dtype, device, adversarial=False):
+    """Random (pre [B, n] in dtype, b_gate, r_mag, b_mag). adversarial: in every third latent
+    b_mag cancels the fp32 exp(r_mag) · pre of the row with the widest-open gate (π_mag ≈ 0
+    there), in the next one b_gate = -pre of row 0 (π_gate = 0 exactly)."""
     pre = torch.randn(B, n, device=device).to(dtype)
     b_gate = 0.3 * torch.randn(n, device=device)
     r_mag = 0.5 * torch.randn(n, device=device)
     b_mag = 0.3 * torch.randn(n, device=device)  # differs from b_gate: gate and mag disagree
+    if adversarial:
+        p = pre.float()
+        cols = torch.arange(n, device=device)
+        row = (p + b_gate).argmax(0)
+        col = cols % 3
+        b_mag = torch.where(col == 0, -(p[row, cols] * torch.exp(r_mag)), b_mag)
+        b_gate = torch.where(col == 1, -p[0], b_gate)
     return pre, b_gate, r_mag, b_mag
 
 
-def _check(fn, B, n, dtype, tol, frozen_pre=False, device=DEVICE):
-    inputs = _inputs(B, n, dtype, device)
-    leaves = [t.requires_grad_(not (frozen_pre and i == 0)) for i, t in enumerate(inputs)]
+def _check(fn, inputs, tol, frozen_pre=False):
+    """fn against a float64 oracle on the same rounded inputs. fl(pre + b_gate) has the sign of
+    pre + b_gate, but allow 2 fp32 ulps of |pre| + |b_gate| anyway; π_mag uses exp(r_mag), which
+    on the GPU is ex2.approx (relative error ≤ 2^-21 with the rounding of r_mag · log2 e), so the
+    sign of π_mag may differ from float64 where |π_mag| ≤ 2^-20 |exp(r_mag) pre| + 2 ulps.
+    Decisions are compared by flips inside those bands; f and g against the oracle resolved with
+    the kernel's gate (g ≠ 0), gradients within the range the bands leave open. Returns the
+    number of flipped 1[π_gate > 0]·1[π_mag > 0] decisions."""
+    leaves = [t.detach().clone().requires_grad_(not (frozen_pre and i == 0))
+              for i, t in enumerate(inputs)]  # fmt: skip
     with poison_outputs():
         f, g = fn(*leaves)
-    assert f.shape == g.shape == (B, n) and f.dtype == g.dtype == dtype
+    B, n = inputs[0].shape
+    assert f.shape == g.shape == (B, n) and f.dtype == g.dtype == inputs[0].dtype
 
-    ref_leaves = float64_leaves(leaves)
-    ref_f, ref_g = _oracle(*ref_leaves)
-    assert_rel(f.detach(), ref_f.detach(), tol, "f")
-    assert_rel(g.detach(), ref_g.detach(), tol, "g")
-    gate_open = ref_g.detach() > 0
-    assert ((ref_f.detach() == 0) & gate_open).any() and ((ref_f.detach() > 0) & gate_open).any()
+    p, b_gate, r_mag, b_mag = (t.double() for t in inputs)
+    scale = r_mag.exp()
+    gate, mag = p + b_gate, p * scale + b_mag
+    near_gate = gate.abs() <= 2 * ulp32(p.abs() + b_gate.abs())
+    near_mag = mag.abs() <= 2.0**-20 * (p * scale).abs() + 2 * ulp32(
+        (p * scale).abs() + b_mag.abs()
+    )
+    open_gate, active = gate > 0, (gate > 0) & (mag > 0)
+    near_active = near_gate | near_mag
+
+    on_g = g.detach() != 0
+    assert_flips(on_g, open_gate, near_gate, "1[π_gate > 0]")
+    flips = assert_flips(f.detach() != 0, active, near_active, "1[π_gate > 0]·1[π_mag > 0]")
+    ref_f = torch.where(on_g, mag.clamp_min(0), 0.0)
+    assert_rel(f.detach(), ref_f, tol, "f")
+    assert_rel(g.detach(), torch.where(on_g, gate, 0.0), tol, "g")
+    assert ((ref_f == 0) & on_g).any() and ((ref_f > 0) & on_g).any()
 
     g_f, g_g = torch.randn_like(f), torch.randn_like(g)
     wanted = leaves[1:] if frozen_pre else leaves
     loss = (f.float() * g_f.float()).sum() + (g.float() * g_g.float()).sum()
     grads = torch.autograd.grad(loss, wanted)
-    ref_loss = (ref_f * g_f.double()).sum() + (ref_g * g_g.double()).sum()
-    ref_grads = torch.autograd.grad(ref_loss, ref_leaves[1:] if frozen_pre else ref_leaves)
+    df, dg = g_f.double(), g_g.double()
+    lo_mag, hi_mag = bracket(df * scale, active, near_active)
+    lo_gate, hi_gate = bracket(dg, open_gate, near_gate)
+    ranges = {
+        "pre": (lo_mag + lo_gate, hi_mag + hi_gate),  # df·A·exp(r_mag) + dg·G
+        "b_gate": bracket(dg, open_gate, near_gate, dim=0),
+        "r_mag": bracket(df * scale * p, active, near_active, dim=0),
+        "b_mag": bracket(df, active, near_active, dim=0),
+    }
     names = ("pre", "b_gate", "r_mag", "b_mag")[1 if frozen_pre else 0 :]
-    assert_grads(names, grads, ref_grads, wanted, tol)
+    for name, grad, leaf in zip(names, grads, wanted, strict=True):
+        assert grad.dtype == leaf.dtype, f"grad {name}: dtype {grad.dtype} != {leaf.dtype}"
+        assert_rel_bracketed(grad, *ranges[name], tol, f"grad {name}")
+    return flips
 
 
 @FNS
 @pytest.mark.parametrize("B, n", [(9, 200), (3, 32), (2, 37)])
 def test_gated_fp32(fn, B, n):
-    _check(fn, B, n, torch.float32, 1e-5)
+    _check(fn, _inputs(B, n, torch.float32, DEVICE), 1e-5)
+
+
+@FNS
+def test_gated_fp32_at_the_last_bit(fn):
+    """π_mag ≈ 0 and π_gate = 0 on purpose: flips inside the bands are accepted."""
+    _check(fn, _inputs(9, 300, torch.float32, DEVICE, adversarial=True), 1e-5)
+
+
+def test_gated_check_accepts_approximate_exp():
+    """A correct fp32 computation whose exp(r_mag) is off by 2^-22 relative (as ex2.approx may
+    be) passes, with flipped π_mag signs; an exp off by 2^-12 does not."""
+
+    def with_exp_error(rel):
+        def fn(pre, b_gate, r_mag, b_mag):
+            r = r_mag + torch.log1p(torch.tensor(rel))  # exp(r) · (1 + rel), through autograd
+            return gated_reference(pre, b_gate, r, b_mag)
+
+        return fn
+
+    inputs = _inputs(64, 3000, torch.float32, "cpu", adversarial=True)
+    assert _check(with_exp_error(2.0**-22), inputs, 1e-5) > 0
+    with pytest.raises(AssertionError):
+        _check(with_exp_error(2.0**-12), inputs, 1e-5)
 
 
 @FNS
 def test_gated_frozen_encoder(fn):
     """Rescale & shift trains only r_mag and b_mag: pre needs no gradient (none is written)."""
-    _check(fn, 9, 70, torch.float32, 1e-5, frozen_pre=True)
+    _check(fn, _inputs(9, 70, torch.float32, DEVICE), 1e-5, frozen_pre=True)
 
 
 @FNS
@@ -112,8 +169,9 @@ def test_gated_backward_launcher_errors(change, match):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("B, n", [(8192, 32768), (4096, 65536), (7, 1000)])
-def test_gated_gpu(dtype, tol, B, n):
-    _check(gated, B, n, dtype, tol, device="cuda")
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_gated_gpu(dtype, tol, B, n, adversarial):
+    _check(gated, _inputs(B, n, dtype, "cuda", adversarial), tol)
 
 
 @pytest.mark.gpu

@@ -9,52 +9,114 @@ from flashsae.kernels.jumprelu_kernels import (
 )
 from tests.kernel_checks import (
     DEVICE,
+    assert_flips,
     assert_fp32_grads,
-    assert_grads,
     assert_launcher_error,
     assert_rel,
+    assert_rel_bracketed,
+    bracket,
     kernel_and_reference,
     poison_outputs,
+    ulp32,
 )
 
 FNS = kernel_and_reference(jumprelu, jumprelu_reference)
 
 
-def _oracle(pre, b_enc, theta, g_f, g_l0, eps):
-    """float64, written out: (f, l0) and the gradients of Σ f·g_f + Σ l0·g_l0 w.r.t.
-    (pre, b_enc, θ): true ones for z, rectangle-kernel pseudo-derivatives for θ."""
-    pre, b_enc, theta, g_f, g_l0 = (t.double() for t in (pre, b_enc, theta, g_f, g_l0))
-    z = pre + b_enc
-    step = (z > theta).double()
-    window = ((z - theta).abs() < eps / 2).double() / eps
-    dz = g_f * step
-    dtheta = (-theta * window * g_f - window * g_l0[:, None]).sum(0)
-    return z * step, step.sum(1), (dz, dz.sum(0), dtheta)
-
-
-def _check(fn, B, n, dtype, tol, eps, device=DEVICE):
+def _inputs(B, n, dtype, eps, adversarial, device=DEVICE):
+    """Random (pre [B, n] in dtype, b_enc, θ > 0). adversarial: every third latent's θ is set to
+    the largest fp32 z = pre + b_enc of its column, the next latent's to that z - ε/2, so that
+    H(z - θ) and the window edge there hinge on the last bit of z."""
     pre = torch.randn(B, n, device=device).to(dtype)
     b_enc = 0.1 * torch.randn(n, device=device)
     theta = torch.exp(torch.randn(n, device=device) * 0.5 - 1)
-    leaves = [t.requires_grad_() for t in (pre, b_enc, theta)]
+    if adversarial:
+        z_max = (pre.float() + b_enc).max(0).values
+        col = torch.arange(n, device=device) % 3
+        ok = z_max - eps / 2 > 1e-3  # thresholds stay positive
+        theta = torch.where(ok & (col == 0), z_max, theta)
+        theta = torch.where(ok & (col == 1), z_max - eps / 2, theta)
+    return pre, b_enc, theta
+
+
+def _check(fn, pre, b_enc, theta, eps, tol):
+    """fn against a float64 oracle on the same rounded inputs. The kernel evaluates z = pre +
+    b_enc in fp32 (off by at most ½ ulp of |pre| + |b_enc|) and the window as |u|·(1/ε) < ½
+    (two more roundings), so H(z - θ) and the window may differ from float64 only where z - θ
+    is within the band: 2 fp32 ulps of |pre| + |b_enc| (plus 4 ulps of ε/2 at the window edge).
+    Decisions are compared by flips inside the band, values against the oracle resolved with
+    the kernel's own H (f ≠ 0: θ > 0), gradient sums within the range the band leaves open.
+    Returns the number of flipped H decisions."""
+    leaves = [t.detach().clone().requires_grad_() for t in (pre, b_enc, theta)]
     with poison_outputs():
         f, l0 = fn(*leaves, eps)
-    assert f.shape == (B, n) and f.dtype == dtype and l0.shape == (B,)
+    assert f.shape == pre.shape and f.dtype == pre.dtype and l0.shape == (pre.shape[0],)
     g_f, g_l0 = torch.randn_like(f), torch.randn_like(l0)
-    ref_f, ref_l0, ref_grads = _oracle(*(t.detach() for t in leaves), g_f, g_l0, eps)
-    assert_rel(f.detach(), ref_f, tol, "f")
-    assert_rel(l0.detach(), ref_l0, 1e-12, "l0")
-    window = ((pre.double() + b_enc.double() - theta.double()).abs() < eps / 2).sum()
-    assert window > 0, "no pre-activation inside the rectangle: the θ gradient is untested"
+
+    p, b, th = pre.double(), b_enc.double(), theta.double()
+    z = p + b
+    slack = 2 * ulp32(p.abs() + b.abs())
+    near_step = (z - th).abs() <= slack
+    near_window = ((z - th).abs() - eps / 2).abs() <= slack + 4 * ulp32(torch.tensor(eps / 2))
+    step, window = z > th, (z - th).abs() < eps / 2
+    assert window.any(), "no pre-activation inside the rectangle: the θ gradient is untested"
+
+    on = f.detach() != 0
+    flips = assert_flips(on, step, near_step, "H(z - θ)")
+    assert_rel(f.detach(), torch.where(on, z, 0.0), tol, "f")
+    assert_rel(l0.detach(), on.double().sum(1), 1e-12, "l0")
+
     grads = torch.autograd.grad((f.float() * g_f.float()).sum() + (l0 * g_l0).sum(), leaves)
-    assert_grads(("pre", "b_enc", "θ"), grads, ref_grads, leaves, tol)
+    gf = g_f.double()
+    jump = (-th * gf - g_l0.double()[:, None]) / eps  # a window entry's term of grad θ
+    ranges = (
+        bracket(gf, step, near_step),  # grad pre = g_f · H
+        bracket(gf, step, near_step, dim=0),  # grad b_enc = Σ_b g_f · H
+        bracket(jump, window, near_window, dim=0),  # grad θ
+    )
+    for name, grad, leaf, (lo, hi) in zip(
+        ("pre", "b_enc", "θ"), grads, leaves, ranges, strict=True
+    ):
+        assert grad.dtype == leaf.dtype, f"grad {name}: dtype {grad.dtype} != {leaf.dtype}"
+        assert_rel_bracketed(grad, lo, hi, tol, f"grad {name}")
+    return flips
 
 
 @FNS
 @pytest.mark.parametrize("B, n", [(9, 200), (3, 32), (2, 37)])
 def test_jumprelu_fp32(fn, B, n):
     # a wide rectangle puts many entries inside it, so the θ pseudo-gradients are exercised
-    _check(fn, B, n, torch.float32, 1e-5, eps=0.5)
+    _check(fn, *_inputs(B, n, torch.float32, 0.5, adversarial=False), 0.5, 1e-5)
+
+
+@FNS
+def test_jumprelu_fp32_at_the_last_bit(fn):
+    """Thresholds on computed z and on the window edge: flips inside the band are accepted."""
+    _check(fn, *_inputs(9, 300, torch.float32, 0.05, adversarial=True), 0.05, 1e-5)
+
+
+def test_rounding_flips_are_real_and_accepted():
+    """A correct fp32 computation (the reference, fp32 math) at a size where thresholds on the
+    computed z make H differ from float64: the check counts those flips and passes."""
+    flips = _check(
+        jumprelu_reference, *_inputs(64, 3000, torch.float32, 0.05, True, "cpu"), 0.05, 1e-5
+    )
+    assert flips > 0
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        lambda pre, b, th, eps: jumprelu_reference(pre, b, th * (1 + 1e-3), eps),  # θ drifts
+        lambda pre, b, th, eps: jumprelu_reference(pre, b, th, 1.1 * eps),  # a wider window
+        lambda pre, b, th, eps: jumprelu_reference(pre, b.bfloat16().float(), th, eps),  # b rounded
+    ],
+    ids=["theta", "window", "bias"],
+)
+def test_check_catches_errors_beyond_rounding(wrong):
+    pre, b_enc, theta = _inputs(64, 3000, torch.float32, 0.05, True, "cpu")
+    with pytest.raises(AssertionError):
+        _check(wrong, pre, b_enc, theta, 0.05, 1e-5)
 
 
 @FNS
@@ -119,8 +181,9 @@ def test_jumprelu_backward_launcher_errors(change, match):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("B, n", [(8192, 32768), (4096, 65536), (7, 1000)])
-def test_jumprelu_gpu(dtype, tol, B, n):
-    _check(jumprelu, B, n, dtype, tol, eps=0.05, device="cuda")
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_jumprelu_gpu(dtype, tol, B, n, adversarial):
+    _check(jumprelu, *_inputs(B, n, dtype, 0.05, adversarial, device="cuda"), 0.05, tol)
 
 
 @pytest.mark.gpu

@@ -177,20 +177,29 @@ def sparse_decode_cases(d: int, n: int, k: int, dt: str) -> list[Case]:
 
 
 def segment_matmul_cases(d: int, n: int, k: int, dt: str) -> list[Case]:
-    """kernels/segment_matmul.py segment_matmul: grad W_dec ([n, d], coef = values, x = grad x̂)
-    and grad W_enc / grad b_enc ([d, n] with colsum, fp32 coef and x - b_dec)."""
-    block_n, block_p = 32, 32
-    block_d = max(16, min(next_pow2(d), 128))
+    """kernels/segment_matmul_kernels.py _launch_segment_matmul: grad W_dec ([n, d], coef =
+    values, x = grad x̂) and grad W_enc / grad b_enc ([d, n] with colsum, fp32 coef and x - b_dec),
+    the per-chunk kernel and the kernel that adds long latents' chunks."""
+    sm = _import_kernels(MODULES["segment_matmul"])
+    module = MODULES["segment_matmul"]
     cases = []
     for coef, x, transpose, colsum in ((dt, dt, False, False), ("fp32", "fp32", True, True)):
         stride_on, stride_od = (1, n) if transpose else (d, 1)
-        args = dict(
-            lat_ptr=Ptr("i32"), row_ptr=Ptr("i32"), coef_ptr=Ptr(coef), tile_start_ptr=Ptr("i32"),
-            x_ptr=Ptr(x), out_ptr=Ptr(dt), colsum_ptr=Ptr(dt), N=n, D=d, stride_on=stride_on,
-            stride_od=stride_od, HAS_COLSUM=colsum, BLOCK_P=block_p, BLOCK_N=block_n,
-            BLOCK_D=block_d,
+        strides = dict(N=n, D=d, stride_on=stride_on, stride_od=stride_od, HAS_COLSUM=colsum)
+        main = dict(
+            row_ptr=Ptr("i32"), coef_ptr=Ptr(coef), seg_ptr=Ptr("i32"), item_group_ptr=Ptr("i32"),
+            group_end_ptr=Ptr("i32"), group_chunks_ptr=Ptr("i32"), part_base_ptr=Ptr("i32"),
+            x_ptr=Ptr(x), out_ptr=Ptr(dt), colsum_ptr=Ptr(dt), part_ptr=Ptr("fp32"),
+            part_colsum_ptr=Ptr("fp32"), **strides, CHUNK=sm.CHUNK, BLOCK_N=sm.BLOCK_N,
+            BLOCK_J=sm.BLOCK_J, BLOCK_D=min(64, next_pow2(d)),
         )  # fmt: skip
-        cases.append(Case(MODULES["segment_matmul"], "_segment_matmul_kernel", args, 4))
+        chunks = dict(
+            long_lat_ptr=Ptr("i32"), seg_ptr=Ptr("i32"), part_base_ptr=Ptr("i32"),
+            part_ptr=Ptr("fp32"), part_colsum_ptr=Ptr("fp32"), out_ptr=Ptr(dt),
+            colsum_ptr=Ptr(dt), **strides, CHUNK=sm.CHUNK, BLOCK_D=min(256, next_pow2(d)),
+        )  # fmt: skip
+        cases.append(Case(module, "_segment_matmul_kernel", main, 4))
+        cases.append(Case(module, "_segment_matmul_chunks_kernel", chunks, 4))
     return cases
 
 

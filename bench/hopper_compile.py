@@ -150,28 +150,28 @@ def encode_topk_cases(d: int, n: int, k: int, dt: str) -> list[Case]:
 
 
 def sparse_decode_cases(d: int, n: int, k: int, dt: str) -> list[Case]:
-    """kernels/sparse_decode.py gather_sum (decoder forward, main and AuxK; encoder backward
-    grad x with fp32 coefficients and no bias) and gather_dot (decoder backward)."""
+    """kernels/sparse_decode_kernels.py _launch_gather_sum (decoder forward with k slots and
+    AuxK's k_aux = d/2; the fused encoder's backward grad x with fp32 coefficients and no bias)
+    and _launch_gather_dot (decoder backward)."""
+    blocks = _import_kernels(MODULES["sparse_decode"])._blocks
+    module = MODULES["sparse_decode"]
     cases = []
-    block_d = min(next_pow2(d), 256)
-    for K in (k, d // 2, k + d // 2):
-        block_k = min(next_pow2(K), 16)
+    for K in (k, d // 2):
+        block_k, block_d = blocks(K, d)
         decode = dict(
             val_ptr=Ptr(dt), idx_ptr=Ptr("i32"), w_ptr=Ptr(dt), bias_ptr=Ptr(dt), out_ptr=Ptr(dt),
             K=K, D=d, HAS_BIAS=True, BLOCK_K=block_k, BLOCK_D=block_d,
         )  # fmt: skip
-        grad_x = dict(
-            decode, val_ptr=Ptr("fp32"), bias_ptr=Ptr(dt), out_ptr=Ptr("fp32"), HAS_BIAS=False
-        )
         dot = dict(
             grad_ptr=Ptr(dt), idx_ptr=Ptr("i32"), w_ptr=Ptr(dt), out_ptr=Ptr(dt), K=K, D=d,
             BLOCK_K=block_k, BLOCK_D=block_d,
         )  # fmt: skip
-        module = MODULES["sparse_decode"]
-        if K != k + d // 2:
-            cases.append(Case(module, "_gather_sum_kernel", decode, 4))
-            cases.append(Case(module, "_gather_dot_kernel", dot))
-        if K != d // 2:
+        cases.append(Case(module, "_gather_sum_kernel", decode, 4))
+        cases.append(Case(module, "_gather_dot_kernel", dot))
+        if K == k:
+            grad_x = dict(
+                decode, val_ptr=Ptr("fp32"), bias_ptr=Ptr(dt), out_ptr=Ptr("fp32"), HAS_BIAS=False
+            )
             cases.append(Case(module, "_gather_sum_kernel", grad_x, 4))
     return cases
 

@@ -60,6 +60,7 @@ from .utils import (
 BACKENDS = ("auto", "fused", "dense")
 MAX_FUSED_K = 256  # k_pad above this: the running top-k no longer fits next to the z tile
 WARMUP, REFRESH = 8, 16  # threshold refreshed on the first WARMUP tiles, then every REFRESH-th
+STEPS = 8  # bisection steps per refresh
 
 
 @triton.jit
@@ -94,16 +95,68 @@ def _z_tile(
 
 
 @triton.jit
-def _kth_largest(g, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr) -> tl.tensor:
-    """[M] the K_PAD-th largest of each row of g ([M, BLOCK_N] fp32)."""
-    if K_PAD == 1:
-        return tl.max(g, axis=1)
-    elif K_PAD == BLOCK_N:
-        return tl.min(g, axis=1)
-    else:  # group maxima over 2·K_PAD column classes first: a smaller sort, still a bound
-        G: tl.constexpr = min(2 * K_PAD, BLOCK_N)
-        g = tl.max(tl.reshape(g, [g.shape[0], BLOCK_N // G, G]), axis=1)
-        return tl.min(tl.topk(g, K_PAD, dim=1), axis=1)
+def _z_halves(
+    xc_rows,
+    row_mask,
+    w_ptr,
+    b_enc_ptr,
+    cols_a,
+    cols_b,
+    D,
+    N,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+) -> tuple[tl.tensor, tl.tensor]:
+    """fp32 z of two column sets (H each) in one K-loop; -inf in columns >= N. Two accumulators
+    of one layout: the halves' epilogues run one after the other (half the live registers of
+    one BLOCK_M x 2H epilogue) and their elementwise max needs no data movement."""
+    acc_a = tl.zeros([BLOCK_M, H], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, H], dtype=tl.float32)
+    mask_a = cols_a < N
+    mask_b = cols_b < N
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < D
+        xc = tl.load(xc_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_rows = w_ptr + ks[:, None].to(tl.int64) * N
+        w_a = tl.load(w_rows + cols_a[None, :], mask=k_mask[:, None] & mask_a[None, :], other=0.0)
+        w_b = tl.load(w_rows + cols_b[None, :], mask=k_mask[:, None] & mask_b[None, :], other=0.0)
+        acc_a = tl.dot(xc, w_a, acc_a, input_precision=DOT_PRECISION)
+        acc_b = tl.dot(xc, w_b, acc_b, input_precision=DOT_PRECISION)
+    acc_a += tl.load(b_enc_ptr + cols_a, mask=mask_a, other=0.0).to(tl.float32)[None, :]
+    acc_b += tl.load(b_enc_ptr + cols_b, mask=mask_b, other=0.0).to(tl.float32)[None, :]
+    z_a = tl.where(mask_a[None, :], acc_a, float("-inf"))
+    return z_a, tl.where(mask_b[None, :], acc_b, float("-inf"))
+
+
+@triton.jit
+def _append_candidates(z, t, cols, rows, row_mask, key_rows, count_ptr, CAP) -> None:
+    """Append the entries z[r, j] >= t[r] as packed keys to row r's buffer: one atomic per row
+    with entries reserves their slots, a cumsum numbers them within the tile."""
+    hit = (z >= t[:, None]) & row_mask[:, None] & (z > float("-inf"))
+    n_hit = tl.sum(hit.to(tl.int32), axis=1)
+    base = tl.atomic_add(count_ptr + rows, n_hit, mask=n_hit > 0, sem="relaxed")
+    slot = base[:, None] + tl.cumsum(hit.to(tl.int32), axis=1) - 1
+    tl.store(key_rows + slot, pack_keys(z, cols[None, :]), mask=hit & (slot < CAP))
+
+
+@triton.jit
+def _raise_threshold(g_a, g_b, t, K_PAD: tl.constexpr, STEPS: tl.constexpr) -> tl.tensor:
+    """[M] a value lo >= t with at least K_PAD entries of the group maxima g_a, g_b >= lo, by
+    STEPS bisection steps between max(t, min g) and max g (no sort: compares and row sums).
+    Needs count(g >= t) >= K_PAD already (true for t = -inf, and g only grows)."""
+    lo = tl.maximum(t, tl.minimum(tl.min(g_a, axis=1), tl.min(g_b, axis=1)))
+    hi = tl.maximum(tl.max(g_a, axis=1), tl.max(g_b, axis=1))
+    for _ in tl.static_range(STEPS):
+        mid = lo + (hi - lo) * 0.5  # NaN while lo = -inf: no compare holds, lo stays
+        above = (g_a >= mid[:, None]).to(tl.int32)
+        n_above = tl.sum(above, axis=1) + tl.sum((g_b >= mid[:, None]).to(tl.int32), axis=1)
+        ok = n_above >= K_PAD
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    return lo
 
 
 @triton.jit
@@ -111,8 +164,7 @@ def _encode_candidates_kernel(
     xc_ptr,
     w_ptr,
     b_enc_ptr,
-    cand_val_ptr,
-    cand_col_ptr,
+    cand_key_ptr,
     count_ptr,
     B,
     D,
@@ -122,44 +174,41 @@ def _encode_candidates_kernel(
     K_PAD: tl.constexpr,
     WARMUP: tl.constexpr,
     REFRESH: tl.constexpr,
+    STEPS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Append every z[r, j] >= t_r of this program's rows and split to the candidate buffers."""
+    """Append every z[r, j] >= t_r of this program's rows and split to the candidate buffer."""
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < B
     xc_rows = xc_ptr + rows[:, None].to(tl.int64) * D
-    cand_rows = rows[:, None].to(tl.int64) * CAP
-    zero = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-    g = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
+    key_rows = cand_key_ptr + rows[:, None].to(tl.int64) * CAP
+    H: tl.constexpr = BLOCK_N // 2
+    g_a = tl.full([BLOCK_M, H], float("-inf"), tl.float32)
+    g_b = tl.full([BLOCK_M, H], float("-inf"), tl.float32)
     t = tl.full([BLOCK_M], float("-inf"), tl.float32)
     n_begin = split * TILES_PER_SPLIT * BLOCK_N
     n_end = tl.minimum(n_begin + TILES_PER_SPLIT * BLOCK_N, N)
     for n0 in range(n_begin, n_end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < N
-        z = _z_tile(xc_rows, row_mask, w_ptr, b_enc_ptr, cols, col_mask, D, N,
-                    DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-        g = tl.maximum(g, z)
+        cols_a = n0 + tl.arange(0, H)
+        cols_b = cols_a + H
+        z_a, z_b = _z_halves(xc_rows, row_mask, w_ptr, b_enc_ptr, cols_a, cols_b, D, N,
+                             DOT_PRECISION, BLOCK_M, H, BLOCK_K)  # fmt: skip
+        _append_candidates(z_a, t, cols_a, rows, row_mask, key_rows, count_ptr, CAP)
+        g_a = tl.maximum(g_a, z_a)
+        _append_candidates(z_b, t, cols_b, rows, row_mask, key_rows, count_ptr, CAP)
+        g_b = tl.maximum(g_b, z_b)
         tile = (n0 - n_begin) // BLOCK_N
-        if (tile < WARMUP) | (tile % REFRESH == 0):
-            t = _kth_largest(g, K_PAD, BLOCK_N)
-        hit = (z >= t[:, None]) & row_mask[:, None] & col_mask[None, :]
-        n_hit = tl.sum(hit.to(tl.int32), axis=1)
-        base = tl.atomic_add(count_ptr + rows, n_hit, mask=n_hit > 0, sem="relaxed")
-        slot = base[:, None] + tl.cumsum(hit.to(tl.int32), axis=1) - 1
-        keep = hit & (slot < CAP)
-        tl.store(cand_val_ptr + cand_rows + slot, z, mask=keep)
-        tl.store(cand_col_ptr + cand_rows + slot, cols[None, :] + zero, mask=keep)
+        if (tile < WARMUP) | (tile % REFRESH == 0):  # for the next tile; z is dead here
+            t = _raise_threshold(g_a, g_b, t, K_PAD, STEPS)
 
 
 @triton.jit
 def _select_kernel(
-    cand_val_ptr,
-    cand_col_ptr,
+    cand_key_ptr,
     count_ptr,
     val_ptr,
     idx_ptr,
@@ -180,9 +229,8 @@ def _select_kernel(
     for c0 in range(0, tl.max(n_valid, axis=0), BLOCK_N):
         slots = c0 + tl.arange(0, BLOCK_N)
         mask = slots[None, :] < n_valid[:, None]
-        z = tl.load(cand_val_ptr + cand_rows + slots[None, :], mask=mask, other=0.0)
-        col = tl.load(cand_col_ptr + cand_rows + slots[None, :], mask=mask, other=0)
-        run = merge_topk(run, tl.where(mask, pack_keys(z, col), INT64_MIN), K_PAD)
+        keys = tl.load(cand_key_ptr + cand_rows + slots[None, :], mask=mask, other=INT64_MIN)
+        run = merge_topk(run, keys, K_PAD)
     store_topk(run, tl.where(count > CAP, B, rows), B, val_ptr, idx_ptr, K, K_PAD)
 
 
@@ -233,7 +281,7 @@ def _fused_config(k_pad: int, fp32: bool) -> tuple[int, int, int, int, int]:
     if is_interpreting():  # small tiles: fast there, and they exercise refreshes and splits
         return 16, max(32, k_pad), 16, 4, 1
     # 64 x 128 with 8 warps spills least under ptxas for sm_90 (ptxas -v).
-    return 64, max(128, k_pad), 32 if fp32 else 64, 8, 3
+    return 64, max(128, k_pad), 16 if fp32 else 64, 8, 3
 
 
 def _launch_encode_topk(
@@ -270,17 +318,16 @@ def _launch_encode_topk(
         per_split = _expected_candidates(tiles_per_split * block_n, k_pad, block_n)
         capacity = min(N, triton.next_power_of_2(int(3 * splits * per_split)))
     counts = torch.zeros(B, device=xc.device, dtype=torch.int32)
-    cand_val = torch.empty(B, capacity, device=xc.device, dtype=torch.float32)
-    cand_col = torch.empty(B, capacity, device=xc.device, dtype=torch.int32)
+    cand_key = torch.empty(B, capacity, device=xc.device, dtype=torch.int64)
     _encode_candidates_kernel[(row_blocks, splits)](
-        xc, W, b_enc, cand_val, cand_col, counts, B, d, N, tiles_per_split, capacity, K_PAD=k_pad,
-        WARMUP=warmup, REFRESH=refresh, DOT_PRECISION=precision, BLOCK_M=block_m,
+        xc, W, b_enc, cand_key, counts, B, d, N, tiles_per_split, capacity, K_PAD=k_pad,
+        WARMUP=warmup, REFRESH=refresh, STEPS=STEPS, DOT_PRECISION=precision, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     sel_n = max(k_pad, 64 if is_interpreting() else 256)
     sel_m = max(1, min(triton.next_power_of_2(B), 2048 // sel_n, 8))
     _select_kernel[(triton.cdiv(B, sel_m),)](
-        cand_val, cand_col, counts, values, indices, B, capacity, K=k, K_PAD=k_pad,
+        cand_key, counts, values, indices, B, capacity, K=k, K_PAD=k_pad,
         BLOCK_M=sel_m, BLOCK_N=sel_n, num_warps=4 if sel_m * sel_n <= 2048 else 8,
     )  # fmt: skip
     fb_m = 16 if is_interpreting() else 64

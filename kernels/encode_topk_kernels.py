@@ -12,20 +12,40 @@ never reaches memory) and "auto" (pick_backend: an estimate until a GPU measures
 Fused forward, three kernels, no host sync:
 
 1. _encode_candidates_kernel: each program owns BLOCK_M rows and a split of the latents and
-   computes z tile by tile (BLOCK_M × BLOCK_N). Per row it keeps g[r, c] = max of z[r, j] over
-   the columns j ≡ c (mod BLOCK_N) seen so far: BLOCK_N distinct entries, so their K_PAD-th
-   largest t_r is a lower bound of the row's k-th best value so far (and of the final one).
-   Keeping g is one max per element; t_r is refreshed (group maxima of g over 2·K_PAD column
-   classes, then tl.topk on 32-bit floats) only on the
-   first WARMUP tiles and every REFRESH-th tile after. Entries with z >= t_r are candidates,
-   appended to a per-row buffer of CAP slots: one atomic_add per row with candidates reserves
-   their slots (offsets within the tile from a cumsum), so only rows with candidates pay the
-   atomic (a per-element masked atomic_add fails Triton 3.9's layout pass for sm_90). After
-   the first tiles almost no entry beats t_r: about k·BLOCK_N/n_seen per row and tile,
-   k·(1 + ln(n/BLOCK_N)) per row in all for i.i.d. columns (more with the refresh schedule
-   and the group maxima).
+   computes z tile by tile, each BLOCK_M × BLOCK_N tile as two column halves of H = BLOCK_N/2
+   (two accumulators in one K-loop). Per row it keeps g[r, c] = max of z[r, j] over the
+   columns j of the split seen so far in residue class c (mod BLOCK_N; the halves' g_a, g_b):
+   BLOCK_N distinct entries, so any t_r with at least K_PAD of them >= t_r is a lower bound of
+   the row's k-th best value. t_r is raised (_raise_threshold: bisection between max(t_r,
+   min g) and max g, counting g >= mid; STEPS steps, no sort) on the first WARMUP tiles and
+   every REFRESH-th tile after. Entries with z >= t_r are candidates, appended as packed int64
+   keys (pack_keys: value and column in one store) to a per-row buffer of CAP slots: one
+   atomic_add per row with candidates reserves their slots (offsets from a cumsum), so only
+   rows with candidates pay the atomic (a per-element masked atomic_add fails Triton 3.9's
+   layout pass for sm_90). After the first tiles few entries beat t_r: about k·BLOCK_N/n_seen
+   per row and tile, k·(1 + ln(n/BLOCK_N)) per row in all for i.i.d. columns (more with the
+   refresh schedule and the group maxima).
    Exact: an entry z_e < t_r has K_PAD >= k distinct entries (group maxima) above it, so every
    entry with z >= the final k-th value is a candidate.
+   Registers (ptxas for sm_90, triton 3.9, B, d, n, CAP divisible by 16 as the launcher
+   specialises them): the previous form (one 64×128 epilogue, tl.topk refresh inside the
+   loop, value and column stored separately) used 255 registers and spilled 540-1250 bytes;
+   the halves halve the epilogue's live set (the scatter stores' 64-bit addresses dominate),
+   one key store halves the addresses again, and the bisection needs no sort network. Now
+   251 registers in bf16 (BLOCK_K 64) and 241 in fp32 (tf32x3, BLOCK_K 16; 32 spills), no
+   spills; 8 warps, so one CTA per SM (the bare 64×128 GEMM alone takes 114: 2 CTAs of 8
+   warps, <= 128, is out of reach with a per-element scatter in the same loop).
+   SASS per tile per thread, steady-state loop (the K-loop × D/BLOCK_K, refresh branch
+   excluded), bf16, 64×128, 8 warps; "int" = SEL+ISETP+LOP3+IMAD+IADD3+SHF+LEA+PRMT+PLOP3+
+   FSETP+FMNMX+P2R+POPC. ESTIMATE (no GPU measured it): int at 16 lanes/clk/SMSP, SHFL at 32
+   lanes/clk/SM, MMA at 2048 bf16 MAC/clk/SM (3072 clk per tile at d = 768, 8192 at 2048):
+       d, k      kernel                        HGMMA  int   SHFL  int+SHFL clk : MMA clk
+       768, 32   48b9355 (tl.topk + merge)       48   4264   736   22.9k : 3.1k (7.5x)
+       768, 32   this one                        96   2114   212   10.2k : 3.1k (3.3x)
+       2048, 64  48b9355                        128   7173  1024   36.9k : 8.2k (4.5x)
+       2048, 64  this one                       256   3174   212   14.4k : 8.2k (1.8x)
+   (HGMMA here is m64n64k16 per half; 48b9355 issued m64n128k16.) About 640 of the int count
+   at d = 768 is the K-loop's own address and pipeline bookkeeping.
 2. _select_kernel: the exact top-k of each row's candidates (packed int64 keys, bitonic merge).
 3. _overflow_kernel: rows whose counter exceeds CAP (adversarial inputs, e.g. z increasing with
    the column, make every tile beat t_r) are recomputed exactly by streaming all of z through
@@ -333,10 +353,25 @@ def _launch_encode_topk(
     fb_m = 16 if is_interpreting() else 64
     fb_n = max(block_n, k_pad) if is_interpreting() else max(128, k_pad)
     _overflow_kernel[(triton.cdiv(B, fb_m),)](
-        xc, W, b_enc, counts, values, indices, B, d, N, capacity, K=k, K_PAD=k_pad,
-        DOT_PRECISION=precision, BLOCK_M=fb_m, BLOCK_N=fb_n, BLOCK_K=block_k,
-        num_warps=4 if is_interpreting() else 8, num_stages=num_stages,
-    )  # fmt: skip
+        xc,
+        W,
+        b_enc,
+        counts,
+        values,
+        indices,
+        B,
+        d,
+        N,
+        capacity,
+        K=k,
+        K_PAD=k_pad,
+        DOT_PRECISION=precision,
+        BLOCK_M=fb_m,
+        BLOCK_N=fb_n,
+        BLOCK_K=block_k,
+        num_warps=4 if is_interpreting() else 8,
+        num_stages=2 if fp32 else num_stages,
+    )  # fmt: skip  (3 stages spill 12 bytes in fp32 at k_pad = 64 under ptxas for sm_90)
     return counts
 
 
@@ -347,7 +382,9 @@ def pick_backend(B: int, d: int, n: int, k: int) -> str:
     it (about three passes over B·n elements at about 2.5 TB/s). Fused wins once that traffic
     exceeds ~20% of the GEMM, i.e. for n·B·6 bytes > 0.2·2·B·d·n / 700 TFLOP/s, which holds
     for every d < ~12000; it loses when k_pad exceeds MAX_FUSED_K or n is too small to amortise
-    three launches (n < 4096)."""
+    three launches (n < 4096). The sm_90 SASS estimate in the module docstring (selection
+    1.8-3.3x the MMA clocks on the integer pipe, one CTA per SM) says the 80% is optimistic
+    at d = 768; it stays until a GPU measures both paths."""
     k_pad = triton.next_power_of_2(k)
     if k_pad > MAX_FUSED_K or n < 4096:
         return "dense"

@@ -12,20 +12,40 @@ never reaches memory) and "auto" (pick_backend: an estimate until a GPU measures
 Fused forward, three kernels, no host sync:
 
 1. _encode_candidates_kernel: each program owns BLOCK_M rows and a split of the latents and
-   computes z tile by tile (BLOCK_M × BLOCK_N). Per row it keeps g[r, c] = max of z[r, j] over
-   the columns j ≡ c (mod BLOCK_N) seen so far: BLOCK_N distinct entries, so their K_PAD-th
-   largest t_r is a lower bound of the row's k-th best value so far (and of the final one).
-   Keeping g is one max per element; t_r is refreshed (group maxima of g over 2·K_PAD column
-   classes, then tl.topk on 32-bit floats) only on the
-   first WARMUP tiles and every REFRESH-th tile after. Entries with z >= t_r are candidates,
-   appended to a per-row buffer of CAP slots: one atomic_add per row with candidates reserves
-   their slots (offsets within the tile from a cumsum), so only rows with candidates pay the
-   atomic (a per-element masked atomic_add fails Triton 3.9's layout pass for sm_90). After
-   the first tiles almost no entry beats t_r: about k·BLOCK_N/n_seen per row and tile,
-   k·(1 + ln(n/BLOCK_N)) per row in all for i.i.d. columns (more with the refresh schedule
-   and the group maxima).
+   computes z tile by tile, each BLOCK_M × BLOCK_N tile as two column halves of H = BLOCK_N/2
+   (two accumulators in one K-loop). Per row it keeps g[r, c] = max of z[r, j] over the
+   columns j of the split seen so far in residue class c (mod BLOCK_N; the halves' g_a, g_b):
+   BLOCK_N distinct entries, so any t_r with at least K_PAD of them >= t_r is a lower bound of
+   the row's k-th best value. t_r is raised (_raise_threshold: bisection between max(t_r,
+   min g) and max g, counting g >= mid; STEPS steps, no sort) on the first WARMUP tiles and
+   every REFRESH-th tile after. Entries with z >= t_r are candidates, appended as packed int64
+   keys (pack_keys: value and column in one store) to a per-row buffer of CAP slots: one
+   atomic_add per row with candidates reserves their slots (offsets from a cumsum), so only
+   rows with candidates pay the atomic (a per-element masked atomic_add fails Triton 3.9's
+   layout pass for sm_90). After the first tiles few entries beat t_r: about k·BLOCK_N/n_seen
+   per row and tile, k·(1 + ln(n/BLOCK_N)) per row in all for i.i.d. columns (more with the
+   refresh schedule and the group maxima).
    Exact: an entry z_e < t_r has K_PAD >= k distinct entries (group maxima) above it, so every
    entry with z >= the final k-th value is a candidate.
+   Registers (ptxas for sm_90, triton 3.9, B, d, n, CAP divisible by 16 as the launcher
+   specialises them): the previous form (one 64×128 epilogue, tl.topk refresh inside the
+   loop, value and column stored separately) used 255 registers and spilled 540-1250 bytes;
+   the halves halve the epilogue's live set (the scatter stores' 64-bit addresses dominate),
+   one key store halves the addresses again, and the bisection needs no sort network. Now
+   251 registers in bf16 (BLOCK_K 64) and 241 in fp32 (tf32x3, BLOCK_K 16; 32 spills), no
+   spills; 8 warps, so one CTA per SM (the bare 64×128 GEMM alone takes 114: 2 CTAs of 8
+   warps, <= 128, is out of reach with a per-element scatter in the same loop).
+   SASS per tile per thread, steady-state loop (the K-loop × D/BLOCK_K, refresh branch
+   excluded), bf16, 64×128, 8 warps; "int" = SEL+ISETP+LOP3+IMAD+IADD3+SHF+LEA+PRMT+PLOP3+
+   FSETP+FMNMX+P2R+POPC. ESTIMATE (no GPU measured it): int at 16 lanes/clk/SMSP, SHFL at 32
+   lanes/clk/SM, MMA at 2048 bf16 MAC/clk/SM (3072 clk per tile at d = 768, 8192 at 2048):
+       d, k      kernel                        HGMMA  int   SHFL  int+SHFL clk : MMA clk
+       768, 32   48b9355 (tl.topk + merge)       48   4264   736   22.9k : 3.1k (7.5x)
+       768, 32   this one                        96   2114   212   10.2k : 3.1k (3.3x)
+       2048, 64  48b9355                        128   7173  1024   36.9k : 8.2k (4.5x)
+       2048, 64  this one                       256   3174   212   14.4k : 8.2k (1.8x)
+   (HGMMA here is m64n64k16 per half; 48b9355 issued m64n128k16.) About 640 of the int count
+   at d = 768 is the K-loop's own address and pipeline bookkeeping.
 2. _select_kernel: the exact top-k of each row's candidates (packed int64 keys, bitonic merge).
 3. _overflow_kernel: rows whose counter exceeds CAP (adversarial inputs, e.g. z increasing with
    the column, make every tile beat t_r) are recomputed exactly by streaming all of z through
@@ -60,6 +80,7 @@ from .utils import (
 BACKENDS = ("auto", "fused", "dense")
 MAX_FUSED_K = 256  # k_pad above this: the running top-k no longer fits next to the z tile
 WARMUP, REFRESH = 8, 16  # threshold refreshed on the first WARMUP tiles, then every REFRESH-th
+STEPS = 8  # bisection steps per refresh
 
 
 @triton.jit
@@ -94,16 +115,68 @@ def _z_tile(
 
 
 @triton.jit
-def _kth_largest(g, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr) -> tl.tensor:
-    """[M] the K_PAD-th largest of each row of g ([M, BLOCK_N] fp32)."""
-    if K_PAD == 1:
-        return tl.max(g, axis=1)
-    elif K_PAD == BLOCK_N:
-        return tl.min(g, axis=1)
-    else:  # group maxima over 2·K_PAD column classes first: a smaller sort, still a bound
-        G: tl.constexpr = min(2 * K_PAD, BLOCK_N)
-        g = tl.max(tl.reshape(g, [g.shape[0], BLOCK_N // G, G]), axis=1)
-        return tl.min(tl.topk(g, K_PAD, dim=1), axis=1)
+def _z_halves(
+    xc_rows,
+    row_mask,
+    w_ptr,
+    b_enc_ptr,
+    cols_a,
+    cols_b,
+    D,
+    N,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+) -> tuple[tl.tensor, tl.tensor]:
+    """fp32 z of two column sets (H each) in one K-loop; -inf in columns >= N. Two accumulators
+    of one layout: the halves' epilogues run one after the other (half the live registers of
+    one BLOCK_M x 2H epilogue) and their elementwise max needs no data movement."""
+    acc_a = tl.zeros([BLOCK_M, H], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, H], dtype=tl.float32)
+    mask_a = cols_a < N
+    mask_b = cols_b < N
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < D
+        xc = tl.load(xc_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_rows = w_ptr + ks[:, None].to(tl.int64) * N
+        w_a = tl.load(w_rows + cols_a[None, :], mask=k_mask[:, None] & mask_a[None, :], other=0.0)
+        w_b = tl.load(w_rows + cols_b[None, :], mask=k_mask[:, None] & mask_b[None, :], other=0.0)
+        acc_a = tl.dot(xc, w_a, acc_a, input_precision=DOT_PRECISION)
+        acc_b = tl.dot(xc, w_b, acc_b, input_precision=DOT_PRECISION)
+    acc_a += tl.load(b_enc_ptr + cols_a, mask=mask_a, other=0.0).to(tl.float32)[None, :]
+    acc_b += tl.load(b_enc_ptr + cols_b, mask=mask_b, other=0.0).to(tl.float32)[None, :]
+    z_a = tl.where(mask_a[None, :], acc_a, float("-inf"))
+    return z_a, tl.where(mask_b[None, :], acc_b, float("-inf"))
+
+
+@triton.jit
+def _append_candidates(z, t, cols, rows, row_mask, key_rows, count_ptr, CAP) -> None:
+    """Append the entries z[r, j] >= t[r] as packed keys to row r's buffer: one atomic per row
+    with entries reserves their slots, a cumsum numbers them within the tile."""
+    hit = (z >= t[:, None]) & row_mask[:, None] & (z > float("-inf"))
+    n_hit = tl.sum(hit.to(tl.int32), axis=1)
+    base = tl.atomic_add(count_ptr + rows, n_hit, mask=n_hit > 0, sem="relaxed")
+    slot = base[:, None] + tl.cumsum(hit.to(tl.int32), axis=1) - 1
+    tl.store(key_rows + slot, pack_keys(z, cols[None, :]), mask=hit & (slot < CAP))
+
+
+@triton.jit
+def _raise_threshold(g_a, g_b, t, K_PAD: tl.constexpr, STEPS: tl.constexpr) -> tl.tensor:
+    """[M] a value lo >= t with at least K_PAD entries of the group maxima g_a, g_b >= lo, by
+    STEPS bisection steps between max(t, min g) and max g (no sort: compares and row sums).
+    Needs count(g >= t) >= K_PAD already (true for t = -inf, and g only grows)."""
+    lo = tl.maximum(t, tl.minimum(tl.min(g_a, axis=1), tl.min(g_b, axis=1)))
+    hi = tl.maximum(tl.max(g_a, axis=1), tl.max(g_b, axis=1))
+    for _ in tl.static_range(STEPS):
+        mid = lo + (hi - lo) * 0.5  # NaN while lo = -inf: no compare holds, lo stays
+        above = (g_a >= mid[:, None]).to(tl.int32)
+        n_above = tl.sum(above, axis=1) + tl.sum((g_b >= mid[:, None]).to(tl.int32), axis=1)
+        ok = n_above >= K_PAD
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    return lo
 
 
 @triton.jit
@@ -111,8 +184,7 @@ def _encode_candidates_kernel(
     xc_ptr,
     w_ptr,
     b_enc_ptr,
-    cand_val_ptr,
-    cand_col_ptr,
+    cand_key_ptr,
     count_ptr,
     B,
     D,
@@ -122,44 +194,41 @@ def _encode_candidates_kernel(
     K_PAD: tl.constexpr,
     WARMUP: tl.constexpr,
     REFRESH: tl.constexpr,
+    STEPS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Append every z[r, j] >= t_r of this program's rows and split to the candidate buffers."""
+    """Append every z[r, j] >= t_r of this program's rows and split to the candidate buffer."""
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < B
     xc_rows = xc_ptr + rows[:, None].to(tl.int64) * D
-    cand_rows = rows[:, None].to(tl.int64) * CAP
-    zero = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-    g = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
+    key_rows = cand_key_ptr + rows[:, None].to(tl.int64) * CAP
+    H: tl.constexpr = BLOCK_N // 2
+    g_a = tl.full([BLOCK_M, H], float("-inf"), tl.float32)
+    g_b = tl.full([BLOCK_M, H], float("-inf"), tl.float32)
     t = tl.full([BLOCK_M], float("-inf"), tl.float32)
     n_begin = split * TILES_PER_SPLIT * BLOCK_N
     n_end = tl.minimum(n_begin + TILES_PER_SPLIT * BLOCK_N, N)
     for n0 in range(n_begin, n_end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < N
-        z = _z_tile(xc_rows, row_mask, w_ptr, b_enc_ptr, cols, col_mask, D, N,
-                    DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-        g = tl.maximum(g, z)
+        cols_a = n0 + tl.arange(0, H)
+        cols_b = cols_a + H
+        z_a, z_b = _z_halves(xc_rows, row_mask, w_ptr, b_enc_ptr, cols_a, cols_b, D, N,
+                             DOT_PRECISION, BLOCK_M, H, BLOCK_K)  # fmt: skip
+        _append_candidates(z_a, t, cols_a, rows, row_mask, key_rows, count_ptr, CAP)
+        g_a = tl.maximum(g_a, z_a)
+        _append_candidates(z_b, t, cols_b, rows, row_mask, key_rows, count_ptr, CAP)
+        g_b = tl.maximum(g_b, z_b)
         tile = (n0 - n_begin) // BLOCK_N
-        if (tile < WARMUP) | (tile % REFRESH == 0):
-            t = _kth_largest(g, K_PAD, BLOCK_N)
-        hit = (z >= t[:, None]) & row_mask[:, None] & col_mask[None, :]
-        n_hit = tl.sum(hit.to(tl.int32), axis=1)
-        base = tl.atomic_add(count_ptr + rows, n_hit, mask=n_hit > 0, sem="relaxed")
-        slot = base[:, None] + tl.cumsum(hit.to(tl.int32), axis=1) - 1
-        keep = hit & (slot < CAP)
-        tl.store(cand_val_ptr + cand_rows + slot, z, mask=keep)
-        tl.store(cand_col_ptr + cand_rows + slot, cols[None, :] + zero, mask=keep)
+        if (tile < WARMUP) | (tile % REFRESH == 0):  # for the next tile; z is dead here
+            t = _raise_threshold(g_a, g_b, t, K_PAD, STEPS)
 
 
 @triton.jit
 def _select_kernel(
-    cand_val_ptr,
-    cand_col_ptr,
+    cand_key_ptr,
     count_ptr,
     val_ptr,
     idx_ptr,
@@ -180,9 +249,8 @@ def _select_kernel(
     for c0 in range(0, tl.max(n_valid, axis=0), BLOCK_N):
         slots = c0 + tl.arange(0, BLOCK_N)
         mask = slots[None, :] < n_valid[:, None]
-        z = tl.load(cand_val_ptr + cand_rows + slots[None, :], mask=mask, other=0.0)
-        col = tl.load(cand_col_ptr + cand_rows + slots[None, :], mask=mask, other=0)
-        run = merge_topk(run, tl.where(mask, pack_keys(z, col), INT64_MIN), K_PAD)
+        keys = tl.load(cand_key_ptr + cand_rows + slots[None, :], mask=mask, other=INT64_MIN)
+        run = merge_topk(run, keys, K_PAD)
     store_topk(run, tl.where(count > CAP, B, rows), B, val_ptr, idx_ptr, K, K_PAD)
 
 
@@ -233,7 +301,7 @@ def _fused_config(k_pad: int, fp32: bool) -> tuple[int, int, int, int, int]:
     if is_interpreting():  # small tiles: fast there, and they exercise refreshes and splits
         return 16, max(32, k_pad), 16, 4, 1
     # 64 x 128 with 8 warps spills least under ptxas for sm_90 (ptxas -v).
-    return 64, max(128, k_pad), 32 if fp32 else 64, 8, 3
+    return 64, max(128, k_pad), 16 if fp32 else 64, 8, 3
 
 
 def _launch_encode_topk(
@@ -270,26 +338,40 @@ def _launch_encode_topk(
         per_split = _expected_candidates(tiles_per_split * block_n, k_pad, block_n)
         capacity = min(N, triton.next_power_of_2(int(3 * splits * per_split)))
     counts = torch.zeros(B, device=xc.device, dtype=torch.int32)
-    cand_val = torch.empty(B, capacity, device=xc.device, dtype=torch.float32)
-    cand_col = torch.empty(B, capacity, device=xc.device, dtype=torch.int32)
+    cand_key = torch.empty(B, capacity, device=xc.device, dtype=torch.int64)
     _encode_candidates_kernel[(row_blocks, splits)](
-        xc, W, b_enc, cand_val, cand_col, counts, B, d, N, tiles_per_split, capacity, K_PAD=k_pad,
-        WARMUP=warmup, REFRESH=refresh, DOT_PRECISION=precision, BLOCK_M=block_m,
+        xc, W, b_enc, cand_key, counts, B, d, N, tiles_per_split, capacity, K_PAD=k_pad,
+        WARMUP=warmup, REFRESH=refresh, STEPS=STEPS, DOT_PRECISION=precision, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     sel_n = max(k_pad, 64 if is_interpreting() else 256)
     sel_m = max(1, min(triton.next_power_of_2(B), 2048 // sel_n, 8))
     _select_kernel[(triton.cdiv(B, sel_m),)](
-        cand_val, cand_col, counts, values, indices, B, capacity, K=k, K_PAD=k_pad,
+        cand_key, counts, values, indices, B, capacity, K=k, K_PAD=k_pad,
         BLOCK_M=sel_m, BLOCK_N=sel_n, num_warps=4 if sel_m * sel_n <= 2048 else 8,
     )  # fmt: skip
     fb_m = 16 if is_interpreting() else 64
     fb_n = max(block_n, k_pad) if is_interpreting() else max(128, k_pad)
     _overflow_kernel[(triton.cdiv(B, fb_m),)](
-        xc, W, b_enc, counts, values, indices, B, d, N, capacity, K=k, K_PAD=k_pad,
-        DOT_PRECISION=precision, BLOCK_M=fb_m, BLOCK_N=fb_n, BLOCK_K=block_k,
-        num_warps=4 if is_interpreting() else 8, num_stages=num_stages,
-    )  # fmt: skip
+        xc,
+        W,
+        b_enc,
+        counts,
+        values,
+        indices,
+        B,
+        d,
+        N,
+        capacity,
+        K=k,
+        K_PAD=k_pad,
+        DOT_PRECISION=precision,
+        BLOCK_M=fb_m,
+        BLOCK_N=fb_n,
+        BLOCK_K=block_k,
+        num_warps=4 if is_interpreting() else 8,
+        num_stages=2 if fp32 else num_stages,
+    )  # fmt: skip  (3 stages spill 12 bytes in fp32 at k_pad = 64 under ptxas for sm_90)
     return counts
 
 
@@ -300,7 +382,9 @@ def pick_backend(B: int, d: int, n: int, k: int) -> str:
     it (about three passes over B·n elements at about 2.5 TB/s). Fused wins once that traffic
     exceeds ~20% of the GEMM, i.e. for n·B·6 bytes > 0.2·2·B·d·n / 700 TFLOP/s, which holds
     for every d < ~12000; it loses when k_pad exceeds MAX_FUSED_K or n is too small to amortise
-    three launches (n < 4096)."""
+    three launches (n < 4096). The sm_90 SASS estimate in the module docstring (selection
+    1.8-3.3x the MMA clocks on the integer pipe, one CTA per SM) says the 80% is optimistic
+    at d = 768; it stays until a GPU measures both paths."""
     k_pad = triton.next_power_of_2(k)
     if k_pad > MAX_FUSED_K or n < 4096:
         return "dense"

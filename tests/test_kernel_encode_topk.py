@@ -115,9 +115,11 @@ def test_candidates_skip_most_columns():
     assert counts.float().mean() < n / 6, f"threshold skips too little: {counts.tolist()}"
 
 
-@pytest.mark.parametrize("warmup, refresh", [(1, 1), (0, 100), (3, 2)])
-def test_refresh_schedules_are_exact(warmup, refresh):
-    """Any refresh schedule gives the exact top-k (a stale threshold only admits more)."""
+@pytest.mark.parametrize("warmup, refresh, steps", [(1, 1, 8), (0, 100, 8), (3, 2, 1), (2, 1, 30)])
+def test_refresh_schedules_are_exact(warmup, refresh, steps, monkeypatch):
+    """Any refresh schedule and number of bisection steps gives the exact top-k (a stale or
+    coarse threshold only admits more; 30 steps reach the K_PAD-th group maximum itself)."""
+    monkeypatch.setattr(encode_topk_kernels, "STEPS", steps)
     B, d, n, k = 5, 12, 400, 8
     x, W_enc, b_enc, b_dec = _inputs(B, d, n, torch.float32, DEVICE)
     kw = {"capacity": n, "warmup": warmup, "refresh": refresh}

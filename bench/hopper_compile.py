@@ -115,37 +115,46 @@ def topk_cases(B: int, N: int, k: int, dt: str, is_keys: bool) -> list[Case]:
 
 
 def encode_topk_cases(d: int, n: int, k: int, dt: str) -> list[Case]:
-    """kernels/encode_topk.py _launch_encode_topk (fused path, per SM count) and, for AuxK's
-    k_aux = d/2 > MAX_FUSED_K, _launch_chunked (torch GEMM, then topk over the dead columns;
-    taken here as n/4 of them, so k_live = k_aux)."""
-    cases = []
+    """kernels/encode_topk_kernels.py _launch_encode_topk (fused backend: candidates, select and
+    overflow kernels, per SM count), and AuxK's top-k over the gathered dead columns
+    (train/sae.py auxk_loss; taken here as n/4 dead latents, so k_live = k_aux = d/2)."""
+    enc = _import_kernels(MODULES["encode_topk"])
+    module = MODULES["encode_topk"]
     k_pad = next_pow2(k)
     fp32 = dt == "fp32"
-    if k_pad <= 64:
-        block_m, block_n, block_k, warps, stages = 64, 128, 32 if fp32 else 64, 8, 3
-    elif k_pad <= 128:
-        block_m, block_n, block_k, warps, stages = 32, 128, 32 if fp32 else 64, 8, 3
-    else:
-        block_m, block_n, block_k, warps, stages = 16, 256, 32 if fp32 else 64, 8, 3
-    block_n = max(block_n, k_pad)
+    block_m, block_n, block_k, warps, stages = enc._fused_config(k_pad, fp32)
+    precision = "tf32x3" if fp32 else "tf32"
     n_tiles, row_blocks = cdiv(n, block_n), cdiv(B, block_m)
+    cases = []
     for sms in SM_COUNTS:
-        splits = min(n_tiles, max(1, cdiv(sms, row_blocks)))
+        splits = min(n_tiles, max(1, cdiv(2 * sms, row_blocks)))
         tiles_per_split = cdiv(n_tiles, splits)
         splits = cdiv(n_tiles, tiles_per_split)
+        per_split = enc._expected_candidates(tiles_per_split * block_n, k_pad, block_n)
+        capacity = min(n, next_pow2(int(3 * splits * per_split)))
         args = dict(
-            x_ptr=Ptr(dt), w_ptr=Ptr(dt), b_enc_ptr=Ptr(dt), b_dec_ptr=Ptr(dt), val_ptr=Ptr(dt),
-            idx_ptr=Ptr("i32"), keys_ptr=Ptr("i64") if splits > 1 else None, B=B, D=d, N=n,
-            TILES_PER_SPLIT=tiles_per_split, NUM_SPLITS=splits, K=k, K_PAD=k_pad,
-            WRITE_KEYS=splits > 1, DOT_PRECISION="tf32x3" if fp32 else "tf32", BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_K=block_k,
+            xc_ptr=Ptr(dt), w_ptr=Ptr(dt), b_enc_ptr=Ptr("fp32"), cand_key_ptr=Ptr("i64"),
+            count_ptr=Ptr("i32"), B=B, D=d, N=n, TILES_PER_SPLIT=tiles_per_split, CAP=capacity,
+            K_PAD=k_pad, WARMUP=enc.WARMUP, REFRESH=enc.REFRESH, STEPS=enc.STEPS,
+            DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         )  # fmt: skip
-        cases.append(Case(MODULES["encode_topk"], "_encode_topk_kernel", args, warps, stages))
-        if splits > 1:  # the split results merged by topk
-            cases += topk_cases(B, splits * k_pad, k, dt, is_keys=True)
+        cases.append(Case(module, "_encode_candidates_kernel", args, warps, stages))
+        # select and overflow configurations as _launch_encode_topk picks them on a GPU
+        sel_n = max(k_pad, 256)
+        sel_m = max(1, min(B, 2048 // sel_n, 8))
+        select = dict(
+            cand_key_ptr=Ptr("i64"), count_ptr=Ptr("i32"), val_ptr=Ptr(dt), idx_ptr=Ptr("i32"),
+            B=B, CAP=capacity, K=k, K_PAD=k_pad, BLOCK_M=sel_m, BLOCK_N=sel_n,
+        )  # fmt: skip
+        cases.append(Case(module, "_select_kernel", select, 4 if sel_m * sel_n <= 2048 else 8))
+        overflow = dict(
+            xc_ptr=Ptr(dt), w_ptr=Ptr(dt), b_enc_ptr=Ptr("fp32"), count_ptr=Ptr("i32"),
+            val_ptr=Ptr(dt), idx_ptr=Ptr("i32"), B=B, D=d, N=n, CAP=capacity, K=k, K_PAD=k_pad,
+            DOT_PRECISION=precision, BLOCK_M=64, BLOCK_N=max(128, k_pad), BLOCK_K=block_k,
+        )  # fmt: skip
+        cases.append(Case(module, "_overflow_kernel", overflow, 8, 2 if fp32 else stages))
     k_aux, n_dead = d // 2, n // 4
-    chunk = max(1, (1 << 28) // (n_dead * (4 if fp32 else 2)))
-    cases += topk_cases(min(chunk, B), n_dead, k_aux, dt, is_keys=False)
+    cases += topk_cases(B, n_dead, min(k_aux, n_dead), dt, is_keys=False)
     return cases
 
 
@@ -527,10 +536,13 @@ def loops(instrs: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
 
 
 def tile_estimate(instrs: list[tuple[int, str, str]], case: Case) -> dict | None:
-    """Per-N-tile integer-pipe vs MMA clocks of the encode_topk kernel (an estimate).
+    """Per-N-tile integer-pipe vs MMA clocks of the fused encoder's candidates kernel (an
+    estimate).
 
     The innermost loop holding HGMMA is the K-loop, run D / BLOCK_K times per tile; the rest of
-    the enclosing loop (the N-tile loop: bias, key packing, running top-k merge) runs once."""
+    the enclosing loop (the N-tile loop: bias, group maxima, threshold compare, candidate
+    appends, and the threshold refresh, which really runs on about 1 tile in 16, so this
+    overstates it) runs once."""
     ranges = loops(instrs)
     has_mma = [
         (s, e) for s, e in ranges if any(s <= a <= e and op in MMA_OPS for a, op, _ in instrs)
@@ -626,7 +638,7 @@ def compile_case(case: Case) -> Record:
         record.opcodes = dict(ops)
         record.mma = sum(ops[op] for op in MMA_OPS)
         record.int_ops = sum(ops[op] for op in INT_OPS)
-        if case.kernel == "_encode_topk_kernel":
+        if case.kernel == "_encode_candidates_kernel":
             record.estimate = tile_estimate(instrs, case)
             if record.estimate is None:
                 raise RuntimeError("no K-loop inside an N-tile loop found in the SASS")

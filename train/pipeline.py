@@ -98,8 +98,8 @@ def prepare(cfg: RunConfig, subject: Subject | None = None) -> RunData:
     subject = subject or get_subject(cfg.model, cfg.seq_len)
     cfg = resolved(cfg, subject)
     torch.manual_seed(cfg.seed)
-    model = subject.load(device)
     if cfg.cache is None:
+        model = subject.load(device)
         settings = cache_settings(
             subject,
             [cfg.site],
@@ -117,6 +117,7 @@ def prepare(cfg: RunConfig, subject: Subject | None = None) -> RunData:
             raise UserError(f"--cache {cfg.cache} does not exist; omit --cache to build one")
         cache, manifest = cfg.cache, open_cache(cfg.cache, cfg.site)
         check_cache_model(manifest, cache, subject, cfg.allow_other_model)
+        model = subject.load(device)
     mean, mean_sq_norm = site_stats(manifest, cfg.site)
     if not (torch.isfinite(mean).all() and math.isfinite(mean_sq_norm) and mean_sq_norm > 0):
         raise UserError(

@@ -184,52 +184,58 @@ def train_sae(
         unit="tok",
         unit_scale=True,
     )
-    for step in range(first, steps):
-        seen = step * cfg.batch_size
-        dead = dead_latents(last_fired, seen, cfg.dead_window)
-        x = next(batches).float() * scale
-        lr = lr_at(step, steps, cfg.lr, sae.lr_decay_frac)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with autocast(device, cfg.dtype):
-            loss, parts, fired = sae.training_loss(x, dead, step / steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.before_step()
-        grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), sae.grad_clip or float("inf"))
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-        first_bad = torch.where(finite, first_bad, first_bad.clamp(max=step))
-        opt.step()
-        sae.after_step()
-        last_fired.masked_fill_(fired, seen + cfg.batch_size)
-        bar.update(cfg.batch_size)
-        done = step + 1
-        if state_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            save(done)
-        if step % cfg.log_every == 0 or done == steps:  # the only host syncs of the loop
-            check_finite()
-            n_dead = int(dead_latents(last_fired, done * cfg.batch_size, cfg.dead_window).sum())
-            sae.dead_budget = aux_budget(n_dead)
-            now = time.time()
-            record = {
-                "losses/loss": loss.item(),
-                **{f"losses/{k}": v.item() for k, v in parts.items()},
-                "sparsity/dead_frac": dead.float().mean().item(),
-                "details/lr": lr,
-                "details/sparsity_coeff": sae.cfg.sparsity_coeff,
-                "details/grad_norm": grad_norm.item(),
-                "details/tokens": done * cfg.batch_size,
-                "perf/tokens_per_s": (done - step_log) * cfg.batch_size / max(now - t_log, 1e-9),
-                "perf/step_ms": 1000 * (now - t_log) / max(done - step_log, 1),
-            }
-            if device.type == "cuda":
-                record["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            t_log, step_log = now, done
-            bar.set_postfix(
-                loss=f"{record['losses/loss']:.4f}", dead=f"{record['sparsity/dead_frac']:.3f}"
+    try:
+        for step in range(first, steps):
+            seen = step * cfg.batch_size
+            dead = dead_latents(last_fired, seen, cfg.dead_window)
+            x = next(batches).float() * scale
+            lr = lr_at(step, steps, cfg.lr, sae.lr_decay_frac)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with autocast(device, cfg.dtype):
+                loss, parts, fired = sae.training_loss(x, dead, step / steps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sae.before_step()
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                sae.parameters(), sae.grad_clip or float("inf")
             )
-            logger.log(record, step=done * cfg.batch_size)
-    bar.close()
+            finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+            first_bad = torch.where(finite, first_bad, first_bad.clamp(max=step))
+            opt.step()
+            sae.after_step()
+            last_fired.masked_fill_(fired, seen + cfg.batch_size)
+            bar.update(cfg.batch_size)
+            done = step + 1
+            if state_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                save(done)
+            if step % cfg.log_every == 0 or done == steps:  # the only host syncs of the loop
+                check_finite()
+                n_dead = int(dead_latents(last_fired, done * cfg.batch_size, cfg.dead_window).sum())
+                sae.dead_budget = aux_budget(n_dead)
+                now = time.time()
+                record = {
+                    "losses/loss": loss.item(),
+                    **{f"losses/{k}": v.item() for k, v in parts.items()},
+                    "sparsity/dead_frac": dead.float().mean().item(),
+                    "details/lr": lr,
+                    "details/sparsity_coeff": sae.cfg.sparsity_coeff,
+                    "details/grad_norm": grad_norm.item(),
+                    "details/tokens": done * cfg.batch_size,
+                    "perf/tokens_per_s": (done - step_log)
+                    * cfg.batch_size
+                    / max(now - t_log, 1e-9),
+                    "perf/step_ms": 1000 * (now - t_log) / max(done - step_log, 1),
+                }
+                if device.type == "cuda":
+                    record["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                t_log, step_log = now, done
+                bar.set_postfix(
+                    loss=f"{record['losses/loss']:.4f}", dead=f"{record['sparsity/dead_frac']:.3f}"
+                )
+                logger.log(record, step=done * cfg.batch_size)
+    finally:
+        bar.close()
     check_finite()
     if state_path is not None:
         save(steps)

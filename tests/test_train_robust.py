@@ -5,6 +5,7 @@ import errno
 import hashlib
 import json
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -275,7 +276,7 @@ def test_item11_a_damaged_train_state_is_one_error(tmp_path, damage):
     if damage == "truncated":
         state.write_bytes(data[: len(data) // 2])
     elif damage == "garbage":
-        state.write_bytes(os.urandom(4096))
+        state.write_bytes(random.Random(0).randbytes(4096))
     sae = tiny_sae() if damage != "another SAE" else TopKSAE(SAEConfig("topk", 16, 32, k=4))
     with pytest.raises(UserError, match="not a readable training state"):
         train_sae(sae, NaNAt(bad=-1), cfg, NullLogger(), state)

@@ -20,7 +20,6 @@ poisons the weights and moments in memory, but they are discarded with the run.
 from __future__ import annotations
 
 import contextlib
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +102,18 @@ def save_state(
 def load_state(path: Path, sae: SAE, opt: torch.optim.Optimizer) -> tuple[int, torch.Tensor]:
     """Restore a ``save_state`` file (``weights_only``: no code runs); (step, last_fired).
     A UserError when the file is truncated, garbage or of another SAE."""
+
+    def unreadable(e: Exception) -> UserError:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return UserError(
+            f"{path} is not a readable training state ({reason}); delete it to start over"
+        )
+
     try:
         state = torch.load(path, map_location=sae.W_dec.device, weights_only=True)
+    except Exception as e:  # a damaged file fails in many ways (pickle, zip, EOF, index, ...)
+        raise unreadable(e) from e
+    try:
         sae.load_state_dict(state["sae"])
         opt.load_state_dict(state["opt"])
         sae.dead_budget = state.get("dead_budget")
@@ -114,14 +123,8 @@ def load_state(path: Path, sae: SAE, opt: torch.optim.Optimizer) -> tuple[int, t
         step, last_fired = state["step"], state["last_fired"]
         if not isinstance(step, int) or last_fired.shape != (sae.cfg.n_latents,):
             raise ValueError("unexpected step or dead-latent counters")
-    except (
-        OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError, AttributeError,
-        pickle.UnpicklingError,
-    ) as e:  # fmt: skip
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(
-            f"{path} is not a readable training state ({reason}); delete it to start over"
-        ) from e
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise unreadable(e) from e
     return step, last_fired
 
 

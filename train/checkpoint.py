@@ -12,12 +12,15 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from flashsae.cache.errors import UserError
 
 from . import __version__
+from .files import write_output
 from .sae import SAE, SAE_CLASSES, SAEConfig
+
+RUN_FILES = ("sae.safetensors", "train_state.pt")  # a folder holding one is a run or checkpoint
 
 
 def save_sae(sae: SAE, folder: Path, train_dtype: str | None = None) -> None:
@@ -29,10 +32,12 @@ def save_sae(sae: SAE, folder: Path, train_dtype: str | None = None) -> None:
     weights are fp32 either way.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {folder}: {e.strerror}") from e
     tensors = {k: v.float().cpu().contiguous() for k, v in sae.folded().items()}
-    save_file(tensors, folder / "sae.safetensors.tmp")
-    (folder / "sae.safetensors.tmp").replace(folder / "sae.safetensors")
+    write_output(folder / "sae.safetensors", save(tensors))
     cfg = {
         **asdict(sae.cfg),
         "input_scale": 1.0,
@@ -40,7 +45,7 @@ def save_sae(sae: SAE, folder: Path, train_dtype: str | None = None) -> None:
         "flashsae_version": __version__,
         **({"train_dtype": train_dtype} if train_dtype else {}),
     }
-    (folder / "cfg.json").write_text(json.dumps(cfg, indent=2))
+    write_output(folder / "cfg.json", json.dumps(cfg, indent=2))
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:

@@ -9,7 +9,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from flashsae.cache.errors import UserError
@@ -68,6 +68,17 @@ class RunConfig:
     checkpoint_every: int = field(
         default=100, metadata=_help("steps between resumable saves (0: only at the end)")
     )
+    verify: bool = field(
+        default=True,
+        metadata=_help(
+            "check each cache shard's checksum when the loader first maps it "
+            "(--no-verify: skip the check)"
+        ),
+    )
+    allow_other_model: bool = field(
+        default=False,
+        metadata=_help("accept a --cache whose manifest names another model than --model"),
+    )
 
     def check(self) -> None:
         """Raise UserError on settings that cannot run."""
@@ -97,8 +108,9 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: Path) -> "RunConfig":
-        """The config saved as ``path`` (a run's ``config.json``). Files written before
-        ``dtype`` existed were fp32 runs, and resume as such."""
+        """The config saved as ``path`` (a run's ``config.json``), each value checked against its
+        field's type. Files written before ``dtype`` existed were fp32 runs, and resume as such;
+        settings added later take their defaults."""
         try:
             raw = json.loads(Path(path).read_text())
         except FileNotFoundError as e:
@@ -107,15 +119,32 @@ class RunConfig:
             ) from e
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{path} is not valid JSON ({e})") from e
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror}") from e
         if not isinstance(raw, dict):
             raise UserError(f"{path} does not hold a JSON object")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
         if unknown:
             raise UserError(f"{path} has settings this version does not know: {unknown}")
         raw.setdefault("dtype", "fp32")
-        paths = {k: Path(raw[k]) for k in ("cache", "out") if raw.get(k)}
-        return replace(cls(), **{**raw, **paths})
+        return replace(cls(), **{k: _parsed(path, known[k], v) for k, v in raw.items()})
+
+
+def _parsed(path: Path, f: Field, value: object) -> object:
+    """``value`` of field ``f`` from a JSON file, as its type (a str becomes a Path for Path
+    fields, an int a float for float fields); a UserError when it is of another type."""
+    base = _base_type(f.type)
+    optional = base is not f.type
+    if value is None and optional:
+        return None
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is Path and isinstance(value, str):
+        return Path(value)
+    if type(value) is not base:
+        raise UserError(f"{path}: {f.name} must be {base.__name__}, got {value!r}")
+    return value
 
 
 def _flag(name: str) -> str:
@@ -138,6 +167,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if cls.default_sparsity_coeff is not None
     )
     for f in fields(RunConfig):
+        if f.type is bool:  # --name turns a False default on, --no-name a True one off
+            off = getattr(defaults, f.name)
+            parser.add_argument(
+                f"--{'no-' if off else ''}{_flag(f.name)}",
+                dest=f.name,
+                action="store_false" if off else "store_true",
+                help=f.metadata["help"],
+            )
+            continue
         extra: dict = {}
         help_text = f.metadata["help"]
         if f.name == "arch":

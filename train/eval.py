@@ -12,7 +12,7 @@ import argparse
 import itertools
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -22,10 +22,12 @@ from tqdm.auto import tqdm
 from flashsae.cache.errors import UserError, report_errors
 from flashsae.cache.hooks import capture, splice
 from flashsae.cache.loader import ActivationLoader
-from flashsae.cache.models.subjects import get_subject, pick_device
+from flashsae.cache.locks import exclusive_lock
+from flashsae.cache.models.subjects import Subject, get_subject, pick_device
 
 from .checkpoint import load_sae
-from .metrics import METRIC_KEYS, ReconstructionStats, SpliceStats
+from .files import write_output
+from .metrics import METRIC_KEYS, ReconstructionStats, SpliceStats, metric_warnings
 from .sae import SAE
 
 
@@ -93,7 +95,25 @@ def evaluate(
     return {**rec.result(), **lm.result()}, rec.firing_frequencies()
 
 
-def report(run: Path, results: dict[str, float], cfg: dict) -> str:
+def check_cache_model(manifest: dict, folder: Path, subject: Subject, allow_other: bool) -> None:
+    """Refuse the cache ``folder`` (its ``manifest``) unless it holds activations of
+    ``subject``: its width must be d_model, and its ``model_key`` the subject's key (unless
+    ``allow_other``: --allow-other-model)."""
+    settings = manifest["settings"]
+    if settings["d"] != subject.d_model:
+        raise UserError(
+            f"{folder} holds d={settings['d']} activations; "
+            f"{subject.name} has d_model={subject.d_model}"
+        )
+    key = settings.get("model_key")
+    if key != subject.key and not allow_other:
+        raise UserError(
+            f"{folder} holds activations of model {settings.get('model')!r} (key {key}), not of "
+            f"{subject.name!r} (key {subject.key}); pass --allow-other-model to use it anyway"
+        )
+
+
+def report(run: Path, results: dict[str, float], cfg: dict, warnings: Sequence[str] = ()) -> str:
     """A short markdown report of one evaluation."""
     lines = [
         f"# {run.name}",
@@ -104,7 +124,12 @@ def report(run: Path, results: dict[str, float], cfg: dict) -> str:
         "| metric | value |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {results[k]:.4g} |" for k in METRIC_KEYS if k in results]
+    lines += [
+        f"| {k} | {'n/a' if results[k] is None else format(results[k], '.4g')} |"
+        for k in METRIC_KEYS
+        if k in results
+    ]
+    lines += ["", *(f"Warning: {w}" for w in warnings)] if warnings else []
     return "\n".join(lines) + "\n"
 
 
@@ -129,42 +154,59 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=65536, help="held-out tokens")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="accept a --cache whose manifest names another model",
+    )
     return p.parse_args(argv)
 
 
 def run_eval(args: argparse.Namespace) -> dict:
+    if args.tokens <= 0:
+        raise UserError("--tokens must be positive")
+    if args.seq_len < 2:
+        raise UserError("--seq-len must be at least 2 (BOS plus one token)")
+    args.device = pick_device(args.device)
+    sae = load_sae(args.run, args.device)
+    with exclusive_lock(args.run, "an evaluation"):
+        return _evaluate_run(args, sae)
+
+
+def _evaluate_run(args: argparse.Namespace, sae: SAE) -> dict:
+    """``run_eval``'s work, with the run directory locked."""
     from .plots import density_histogram, frontier_plot
     from .wandb_log import resume_run
 
-    if args.tokens <= 0:
-        raise UserError("--tokens must be positive")
-    args.device = pick_device(args.device)
-    sae = load_sae(args.run, args.device)
     cfg = json.loads((args.run / "cfg.json").read_text())
     subject = get_subject(args.model or sae.cfg.model, args.seq_len)
     if subject.d_model != sae.cfg.d:
         raise UserError(f"{subject.name} has d_model {subject.d_model}, the SAE d={sae.cfg.d}")
-    model = subject.load(args.device)
-    seqs = subject.sequences("val", args.tokens, args.seq_len, seed=0).tokens
     cache_batches = None
     if args.cache is not None:
         loader = ActivationLoader(args.cache, sae.cfg.site, 4096, device=args.device)
+        check_cache_model(loader.manifest, args.cache, subject, args.allow_other_model)
         n_batches = max(1, min(args.tokens, loader.rows) // 4096)
         cache_batches = list(itertools.islice(loader.epoch_batches(0), n_batches))
+    model = subject.load(args.device)
+    seqs = subject.sequences("val", args.tokens, args.seq_len, seed=0).tokens
     scale = cfg.get("normalization", {}).get("scale", 1.0)
     results, freqs = evaluate(sae, model, seqs, metric_scale=scale, cache_batches=cache_batches)
-    (args.run / "eval.json").write_text(json.dumps({k: results[k] for k in METRIC_KEYS}, indent=2))
-    (args.run / "eval.md").write_text(report(args.run, results, cfg))
+    warnings = metric_warnings(results)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    write_output(args.run / "eval.json", json.dumps({k: results[k] for k in METRIC_KEYS}, indent=2))
+    write_output(args.run / "eval.md", report(args.run, results, cfg, warnings))
     images = {"density": args.run / "density.png"}
     density_histogram(freqs, images["density"])
     runs = sibling_runs(args.run.parent)
     for y, name in (("fvu", "frontier_fvu"), ("ce_loss_recovered", "frontier_ce")):
         images[name] = args.run.parent / f"{name}.png"
-        frontier_plot(runs, images[name], x="l0", y=y)
+        frontier_plot([r for r in runs if r.get(y) is not None], images[name], x="l0", y=y)
     resume_run(
         args.run, {f"eval/{k}": v for k, v in results.items()}, images, args.run / "eval.json"
     )
-    print(report(args.run, results, cfg))
+    print(report(args.run, results, cfg, warnings))
     return results
 
 

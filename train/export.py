@@ -44,12 +44,13 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from flashsae.cache.errors import UserError, report_errors
 
 from . import __version__
-from .checkpoint import load_sae
+from .checkpoint import RUN_FILES, load_sae
+from .files import write_output
 from .sae import SAE, SAE_CLASSES
 
 SAELENS_FORMAT_VERSION = "6.54.12"
@@ -142,6 +143,8 @@ def export_saelens(
 
     ``source`` is a flashsae checkpoint folder (``cfg.json`` + ``sae.safetensors``, e.g. a
     run directory) or an SAE module (its input scale is folded in). Returns ``out_dir``.
+    A UserError when ``out_dir`` is, or is inside, a run or checkpoint folder (one holding
+    any of ``RUN_FILES``).
     """
     sae = source if isinstance(source, SAE) else load_sae(source)
     raw, params = vars(sae.cfg), sae.folded()
@@ -155,10 +158,20 @@ def export_saelens(
         dataset_path=dataset_path,
     )
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / f"{SAELENS_WEIGHTS}.tmp")
-    (out / f"{SAELENS_WEIGHTS}.tmp").replace(out / SAELENS_WEIGHTS)
-    (out / "cfg.json").write_text(json.dumps(cfg, indent=2))
+    for folder in (out.resolve(), *out.resolve().parents):
+        if any((folder / name).exists() for name in RUN_FILES):
+            raise UserError(
+                f"{out} is inside the flashsae run directory {folder}, whose files the export "
+                "would overwrite; export to a folder of its own"
+            )
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {out}: {e.strerror}") from e
+    write_output(out / SAELENS_WEIGHTS, save(tensors))
+    write_output(out / "cfg.json", json.dumps(cfg, indent=2))
     return out
 
 

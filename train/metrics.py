@@ -11,6 +11,11 @@ latent activations, μ the per-dimension mean of x over the whole evaluation set
 - dead / dense fraction = latents firing on 0 / more than 10% of evaluation tokens
 - CE loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean); Δ-LM loss =
   CE_sae - CE_clean; KL = mean_t KL(p_clean || p_sae)
+
+CE loss recovered is a ratio with CE_zero - CE_clean below it: when zero-ablating the site
+costs the model less than ``CE_GAP_MIN`` = 0.1 nats (an untrained model, a site the output
+barely depends on) the ratio is noise (a random model gives 2.12). It is still reported, with
+a warning from ``metric_warnings``; it is None when the gap is exactly 0.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 DENSE_THRESHOLD = 0.1
+CE_GAP_MIN = 0.1  # nats of CE_zero - CE_clean below which CE loss recovered gets a warning
 METRIC_KEYS = (
     "l0 fvu explained_variance mse cosine l2_ratio gamma dead_frac dense_frac "
     "ce_loss_recovered delta_lm_loss kl"
@@ -105,11 +111,26 @@ class SpliceStats:
 
     def result(self) -> dict[str, float]:
         ce = {k: v / self.tokens for k, v in self.ce.items()}
+        gap = ce["zero"] - ce["clean"]
         return {
             "ce_clean": ce["clean"],
             "ce_sae": ce["sae"],
             "ce_zero": ce["zero"],
-            "ce_loss_recovered": (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
+            "ce_loss_recovered": (ce["zero"] - ce["sae"]) / gap if gap != 0 else None,
             "delta_lm_loss": ce["sae"] - ce["clean"],
             "kl": self.kl / self.tokens,
         }
+
+
+def metric_warnings(results: dict) -> list[str]:
+    """Why some of ``results`` (``SpliceStats.result`` keys) should not be trusted: CE loss
+    recovered when CE_zero - CE_clean < ``CE_GAP_MIN``."""
+    gap = results["ce_zero"] - results["ce_clean"]
+    if gap >= CE_GAP_MIN:
+        return []
+    value = results["ce_loss_recovered"]
+    shown = "undefined" if value is None else f"{value:.4g}"
+    return [
+        f"CE loss recovered ({shown}) is unreliable: zero-ablating the site raises the loss by "
+        f"only {gap:.4g} nats (CE_zero - CE_clean < {CE_GAP_MIN})"
+    ]

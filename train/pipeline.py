@@ -12,7 +12,11 @@ training -> held-out evaluation with the SAE spliced in -> ``sae.safetensors`` +
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,13 +26,15 @@ import torch
 from flashsae.cache.build import build, cache_settings, default_cache_dir
 from flashsae.cache.errors import UserError
 from flashsae.cache.loader import ActivationLoader
+from flashsae.cache.locks import exclusive_lock
 from flashsae.cache.models.subjects import Subject, get_subject, pick_device
 from flashsae.cache.shards import open_cache, site_stats
 
 from .checkpoint import save_sae
 from .config import RunConfig
-from .eval import evaluate
-from .metrics import METRIC_KEYS
+from .eval import check_cache_model, evaluate
+from .files import write_output
+from .metrics import METRIC_KEYS, metric_warnings
 from .plots import density_histogram
 from .sae import SAE, input_scale, make_sae
 from .trainer import TrainConfig, train_sae
@@ -92,8 +98,8 @@ def prepare(cfg: RunConfig, subject: Subject | None = None) -> RunData:
     subject = subject or get_subject(cfg.model, cfg.seq_len)
     cfg = resolved(cfg, subject)
     torch.manual_seed(cfg.seed)
-    model = subject.load(device)
     if cfg.cache is None:
+        model = subject.load(device)
         settings = cache_settings(
             subject,
             [cfg.site],
@@ -110,59 +116,121 @@ def prepare(cfg: RunConfig, subject: Subject | None = None) -> RunData:
         if not cfg.cache.exists():
             raise UserError(f"--cache {cfg.cache} does not exist; omit --cache to build one")
         cache, manifest = cfg.cache, open_cache(cfg.cache, cfg.site)
-        if manifest["settings"]["d"] != subject.d_model:
-            raise UserError(
-                f"{cfg.cache} holds d={manifest['settings']['d']} activations; "
-                f"{cfg.model} has d_model={subject.d_model}"
-            )
+        check_cache_model(manifest, cache, subject, cfg.allow_other_model)
+        model = subject.load(device)
+    mean, mean_sq_norm = site_stats(manifest, cfg.site)
+    if not (torch.isfinite(mean).all() and math.isfinite(mean_sq_norm) and mean_sq_norm > 0):
+        raise UserError(
+            f"{cache}: the activations of {cfg.site} are NaN, inf or all zero (mean squared "
+            f"norm {mean_sq_norm:.4g}, finite mean: {bool(torch.isfinite(mean).all())}); "
+            "rebuild the cache"
+        )
     return RunData(replace(cfg, cache=cache), subject, model, device, cache, manifest)
 
 
-def run_dir(cfg: RunConfig, resume: bool) -> tuple[Path, str]:
+# the settings --resume may change (their flags): neither changes what is computed; --resume
+# refuses to change any other
+RESUMABLE = {"device": "--device", "verify": "--no-verify"}
+
+
+def run_dir(cfg: RunConfig) -> tuple[Path, str]:
     """(run directory, run name): ``cfg.out`` or ``runs/<name>``, name =
-    ``<arch>-<model>-<site>-<time>``; refused when it holds a finished run, or an unfinished one
-    that is not being resumed."""
+    ``<arch>-<model>-<site>-<time>``."""
     name = f"{cfg.arch}-{cfg.model}-{cfg.site}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out = cfg.out or Path("runs") / name.replace("/", "_")
+    return cfg.out or Path("runs") / name.replace("/", "_"), name
+
+
+def check_run_dir(out: Path, resume: bool) -> None:
+    """Refuse ``out`` when it holds a finished run, or an unfinished one that is not being
+    resumed."""
     if (out / "metrics.json").exists():
         raise UserError(f"{out} already holds a finished run; choose another --out")
     if not resume and (out / "train_state.pt").exists():
         raise UserError(f"{out} holds an unfinished run; continue it with --resume {out}")
-    return out, name
 
 
-def resume_config(folder: Path) -> RunConfig:
-    """The config of the unfinished run in ``folder``."""
+def resume_config(folder: Path, given: dict | None = None) -> RunConfig:
+    """The config of the unfinished run in ``folder``. ``given`` are settings named on the
+    command line beside ``--resume``: those of ``RESUMABLE`` are applied, any other must equal
+    the saved value (a UserError otherwise: the run continues as it started)."""
     if not (folder / "train_state.pt").exists():
         raise UserError(f"{folder} has no train_state.pt to resume from")
-    return replace(RunConfig.load(folder / "config.json"), out=folder)
+    cfg = replace(RunConfig.load(folder / "config.json"), out=folder)
+    given = given or {}
+    differ = [k for k, v in given.items() if k not in RESUMABLE and not _same(v, getattr(cfg, k))]
+    if differ:
+        flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (saved: {getattr(cfg, k)})"
+                          for k in differ)  # fmt: skip
+        allowed = ", ".join(RESUMABLE.values())
+        raise UserError(
+            f"--resume {folder} continues the run with its saved settings, and {flags} would "
+            f"change them; only {allowed} may change on resume"
+        )
+    return replace(cfg, **{k: v for k, v in given.items() if k in RESUMABLE})
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal settings; paths are equal when they name the same file."""
+    if isinstance(a, Path) and isinstance(b, Path):
+        return a.resolve() == b.resolve()
+    return a == b
 
 
 def run(cfg: RunConfig, resume: bool = False) -> dict:
     """Train, evaluate and save one SAE; returns its ``metrics.json`` dict. With ``resume``,
-    continue the unfinished run in ``cfg.out`` (see ``resume_config``)."""
+    continue the unfinished run in ``cfg.out`` (see ``resume_config``).
+
+    The run directory is locked (``exclusive_lock``) from the start to the end. A run that
+    fails before its first checkpoint (``train_state.pt``) leaves nothing behind; a later
+    failure keeps what ``--resume`` needs. ``metrics.json``, written last, marks a finished run.
+    """
     cfg.check()
     subject = get_subject(cfg.model, cfg.seq_len)
-    out, name = run_dir(resolved(cfg, subject), resume)
-    data = prepare(cfg, subject)
+    out, name = run_dir(resolved(cfg, subject))
+    check_run_dir(out, resume)
+    existed = out.exists()
+    try:
+        with exclusive_lock(out, "a training run"):
+            check_run_dir(out, resume)  # again: another run may have finished meanwhile
+            before = {p.name for p in out.iterdir()}
+            try:
+                return _train(prepare(cfg, subject), out, name)
+            except BaseException:
+                if not (out / "train_state.pt").exists():
+                    for path in out.iterdir():
+                        if path.name not in before:
+                            shutil.rmtree(path) if path.is_dir() else path.unlink()
+                raise
+    finally:
+        if not existed:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty: a run that failed before its first step
+
+
+def _train(data: RunData, out: Path, name: str) -> dict:
+    """``run``'s work in the locked run directory ``out``."""
     cfg = replace(data.cfg, out=out)
     sae = data.new_sae()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(cfg.to_json())
+    write_output(out / "config.json", cfg.to_json())
     logger = RunLogger(out, json.loads(cfg.to_json()), name)
-    loader = ActivationLoader(
-        data.cache, cfg.site, cfg.batch_size, seed=cfg.seed, device=data.device
-    )
-    train_cfg = train_config(cfg, data.device)
-    summary = train_sae(sae, loader, train_cfg, logger, out / "train_state.pt")
-
-    sae.eval()
-    results, freqs = evaluate(sae, data.model, data.eval_sequences())
-    metrics = {k: results[k] for k in METRIC_KEYS} | summary
-    save_sae(sae, out, train_cfg.dtype)
-    density_histogram(freqs, out / "density.png")
-    (out / "metrics.json.tmp").write_text(json.dumps(metrics, indent=2))
-    (out / "metrics.json.tmp").replace(out / "metrics.json")
+    try:
+        loader = ActivationLoader(
+            data.cache, cfg.site, cfg.batch_size, seed=cfg.seed, device=data.device
+        )
+        train_cfg = train_config(cfg, data.device)
+        summary = train_sae(sae, loader, train_cfg, logger, out / "train_state.pt")
+        sae.eval()
+        results, freqs = evaluate(sae, data.model, data.eval_sequences())
+        warnings = metric_warnings(results)
+        for line in warnings:
+            print(f"warning: {line}", file=sys.stderr)
+        metrics = {k: results[k] for k in METRIC_KEYS} | summary | {"warnings": warnings}
+        save_sae(sae, out, train_cfg.dtype)
+        density_histogram(freqs, out / "density.png")
+        write_output(out / "metrics.json", json.dumps(metrics, indent=2))
+    except BaseException:
+        logger.abort()
+        raise
     step = summary["tokens"]
     logger.log({f"metrics/{k}": v for k, v in results.items()}, step=step)
     logger.log_histogram("sparsity/log10_firing_freq", freqs.clamp_min(1e-10).log10().numpy(), step)

@@ -21,6 +21,8 @@ import numpy as np
 
 from flashsae.cache.errors import UserError
 
+from .files import open_output, write_output
+
 if TYPE_CHECKING:
     from wandb.sdk.wandb_run import Run
 
@@ -65,7 +67,7 @@ def _init(out: Path, name: str | None, config: dict | None) -> Run | None:
         dir=str(out),
         mode=mode,
     )
-    (out / RUN_FILE).write_text(json.dumps({"id": run.id, "project": run.project, "mode": mode}))
+    write_output(out / RUN_FILE, json.dumps({"id": run.id, "project": run.project, "mode": mode}))
     return run
 
 
@@ -91,7 +93,7 @@ class RunLogger:
 
     def __init__(self, out: Path, config: dict, name: str) -> None:
         self.out = Path(out)
-        self.mirror = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finish()
+        self.mirror = open_output(self.out / "metrics.jsonl", "a")  # closed in finish()
         self.run = _init(self.out, name, config)
 
     def log(self, record: dict, step: int) -> None:
@@ -121,6 +123,12 @@ class RunLogger:
     def finish(self) -> None:
         self.mirror.close()
         _finish(self.run)
+
+    def abort(self) -> None:
+        """End a failed run: close the mirror, mark the W&B run failed (exit code 1)."""
+        self.mirror.close()
+        if self.run is not None:
+            self.run.finish(exit_code=1)
 
 
 def resume_run(out: Path, record: dict, images: dict[str, Path], artifact: Path) -> None:

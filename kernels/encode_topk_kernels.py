@@ -376,20 +376,21 @@ def _launch_encode_topk(
 
 
 def pick_backend(B: int, d: int, n: int, k: int) -> str:
-    """ "fused" or "dense" for a shape. An ESTIMATE (no GPU has measured it yet), from a cycle
-    model of an H100/H200: the fused kernel's selection costs a few percent of its GEMM, which
-    runs at about 80% of cuBLAS's rate; the dense path adds writing z and torch.topk reading
-    it (about three passes over B·n elements at about 2.5 TB/s). Fused wins once that traffic
-    exceeds ~20% of the GEMM, i.e. for n·B·6 bytes > 0.2·2·B·d·n / 700 TFLOP/s, which holds
-    for every d < ~12000; it loses when k_pad exceeds MAX_FUSED_K or n is too small to amortise
-    three launches (n < 4096). The sm_90 SASS estimate in the module docstring (selection
-    1.8-3.3x the MMA clocks on the integer pipe, one CTA per SM) says the 80% is optimistic
-    at d = 768; it stays until a GPU measures both paths."""
+    """ "fused" or "dense" for a shape: an ESTIMATE until a GPU measures both paths.
+
+    Dense: one cuBLAS GEMM at ~700 TFLOP/s, plus writing z and torch.topk reading it (about
+    three passes over B·n bf16 elements at ~2.5 TB/s). Fused: its GEMM at ~80% of cuBLAS's rate,
+    stretched by the integer work of the selection, which the sm_90 SASS of the candidates
+    kernel puts at (0.74 + 2700/d) times the MMA clocks per tile in bf16
+    (bench/results/hopper_compile.md: 4.3x at d = 768, 2.1x at d = 2048), with no overlap of
+    the two assumed. On that estimate dense wins at every d (fused would need the ratio under
+    ~1.1), so "auto" picks dense; fused stays selectable, and dense is forced where k_pad
+    exceeds MAX_FUSED_K."""
     k_pad = triton.next_power_of_2(k)
     if k_pad > MAX_FUSED_K or n < 4096:
         return "dense"
     gemm_s = 2 * B * d * n / 700e12
-    fused_s = gemm_s / 0.8 + 3 * 5e-6
+    fused_s = gemm_s / 0.8 * max(1.0, 0.74 + 2700 / d) + 3 * 5e-6
     dense_s = gemm_s + 6 * B * n / 2.5e12 + 5e-6
     return "fused" if fused_s < dense_s else "dense"
 

@@ -33,6 +33,7 @@ from flashsae.cache.loader import ActivationLoader
 from flashsae.train import RunConfig
 from flashsae.train.eval import evaluate
 from flashsae.train.gated import GatedSAE, rescale_shift
+from flashsae.train.jumprelu import JumpReLUSAE
 from flashsae.train.metrics import METRIC_KEYS
 from flashsae.train.pipeline import prepare, train_config
 from flashsae.train.plots import frontier_plot
@@ -80,6 +81,8 @@ class Context:
         args, data = self.args, self.data
         if args.adam_beta1 is not None:
             sae.adam_betas = (args.adam_beta1, sae.adam_betas[1])
+        if args.jumprelu_bandwidth is not None and isinstance(sae, JumpReLUSAE):
+            sae.bandwidth = args.jumprelu_bandwidth
         loader = ActivationLoader(data.cache, self.site, args.batch_size, seed=args.seed)
         start = time.time()
         summary = train_sae(sae, loader, train_config(data.cfg, data.device), NullLogger())
@@ -90,13 +93,18 @@ class Context:
 
 
 def magnitude_stats(sae: SAE) -> dict:
-    """For Gated SAEs (rescale & shift included): quantiles over latents of the learned
-    log-rescale r_mag and shift b_mag - b_gate of the magnitude path relative to the gate."""
-    if not isinstance(sae, GatedSAE):
+    """Quantiles over latents of, for Gated SAEs (rescale & shift included), the learned
+    log-rescale r_mag and shift b_mag - b_gate of the magnitude path relative to the gate; for
+    JumpReLU SAEs, log10 θ."""
+    if isinstance(sae, JumpReLUSAE):
+        stats = (("log10_theta", sae.threshold.log10()),)
+    elif isinstance(sae, GatedSAE):
+        stats = (("r_mag", sae.r_mag), ("shift", sae.b_mag - sae.b_gate))
+    else:
         return {}
     probs = torch.tensor([0.1, 0.5, 0.9])
     out = {}
-    for name, v in (("r_mag", sae.r_mag), ("shift", sae.b_mag - sae.b_gate)):
+    for name, v in stats:
         for p, q in zip((10, 50, 90), v.detach().quantile(probs).tolist(), strict=True):
             out[f"{name}_p{p}"] = q
     return out
@@ -152,6 +160,10 @@ def main() -> None:
     parser.add_argument(
         "--adam-beta1", type=float, default=None, help="override every architecture's Adam β1"
     )
+    parser.add_argument(
+        "--jumprelu-bandwidth", type=float, default=None,
+        help="JumpReLU's pseudo-derivative bandwidth ε (default: the kernel's 1e-3)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--tag", default="arch_sweep", help="stem of the result files")
     args = parser.parse_args()
@@ -164,7 +176,7 @@ def main() -> None:
         **env, "model": args.model, "site": ctx.site, "n_latents": args.n_latents,
         "tokens": args.tokens, "batch_size": args.batch_size, "lr": args.lr,
         "eval_tokens": args.eval_tokens, "seed": args.seed, "input_scale": ctx.scale,
-        "adam_beta1": args.adam_beta1,
+        "adam_beta1": args.adam_beta1, "jumprelu_bandwidth": args.jumprelu_bandwidth,
     }  # fmt: skip
     records = []
     for arch, values in GRID.items():

@@ -57,6 +57,7 @@ DEFAULTS = {
     "batch_size": 1024,
     "lr": 1e-3,
     "lambdas": [1.0, 2.0, 4.0, 8.0],
+    "gated_lambdas": [1.0, 2.0, 4.0, 8.0],
     "seeds": [0, 1],
     "rs_frac": 0.25,
     "eval_tokens": 32768,
@@ -68,6 +69,7 @@ QUICK = {
     "tokens": [2048, 4096],
     "batch_size": 256,
     "lambdas": [1.0, 4.0],
+    "gated_lambdas": [0.5, 2.0],
     "eval_tokens": 1024,
 }
 
@@ -148,12 +150,24 @@ def plan(args: argparse.Namespace) -> list[tuple[str, float, int, int]]:
     """(arch, λ, seed, tokens) of every run, the claims that need the most evidence first:
     relu and gated at the full budget, rescale & shift, the ablations, the smaller budgets."""
     full = max(args.tokens)
-    runs = [(a, lam, s, full) for s in args.seeds for lam in args.lambdas for a in ARCHS[:2]]
+    lams = {
+        a: args.lambdas if a in ("relu", "rescale_shift") else args.gated_lambdas for a in ARCHS
+    }
+
+    def runs(archs: tuple[str, ...], tokens: int) -> list[tuple[str, float, int, int]]:
+        return [
+            (a, lams[a][i], s, tokens)
+            for s in args.seeds
+            for i in range(len(args.lambdas))
+            for a in archs
+        ]
+
+    todo = runs(ARCHS[:2], full)
     for arch in ARCHS[2:]:
-        runs += [(arch, lam, s, full) for s in args.seeds for lam in args.lambdas]
+        todo += runs((arch,), full)
     for tokens in sorted(set(args.tokens) - {full}, reverse=True):
-        runs += [(a, lam, s, tokens) for s in args.seeds for lam in args.lambdas for a in ARCHS[:2]]
-    return runs
+        todo += runs(ARCHS[:2], tokens)
+    return todo
 
 
 # ---- claims: pure functions of the records ----
@@ -226,7 +240,8 @@ def claim_pareto(records: list[dict], tokens: int, seeds: list[int]) -> tuple[bo
     if c is None:
         return None, "no common L0 range"
     below = [
-        float(np.mean(g < r)) for g, r in zip(c["values"]["gated"], c["values"]["relu"], strict=True)
+        float(np.mean(g < r))
+        for g, r in zip(c["values"]["gated"], c["values"]["relu"], strict=True)
     ]
     text = (
         f"FVU(ReLU) - FVU(Gated) over {_span(c)}: {_fmt_gaps(_gaps(c, 'relu', 'gated'))}; "
@@ -318,9 +333,7 @@ def claim_sigmoid(records: list[dict], tokens: int, seeds: list[int]) -> tuple[b
     return same_sign and abs(np.mean(gaps)) > (max(gaps) - min(gaps)), text
 
 
-def claim_norm_ratio(
-    records: list[dict], tokens: int, seeds: list[int]
-) -> tuple[bool | None, str]:
+def claim_norm_ratio(records: list[dict], tokens: int, seeds: list[int]) -> tuple[bool | None, str]:
     gated = _select(records, "gated", tokens)
     ok = [r for r in gated if abs(r["gamma"] - 1) <= GAMMA_TOL]
     if not ok:
@@ -393,7 +406,8 @@ def markdown(records: list[dict], rows: list[dict], meta: dict) -> str:
         f"Device: {meta['device']}, torch {meta['torch']}, commit {meta['commit']}; "
         f"wall time {meta['wall_s'] / 60:.1f} min  ",
         f"Model {a['model']}, site {meta['site']}, n = {a['n_latents']} latents, batch "
-        f"{a['batch_size']}, lr {a['lr']}; λ {a['lambdas']}, seeds {a['seeds']}; full budget "
+        f"{a['batch_size']}, lr {a['lr']}; λ {a['lambdas']} (relu, rescale_shift), "
+        f"{a['gated_lambdas']} (gated and its ablations), seeds {a['seeds']}; full budget "
         f"{max(a['tokens']):,} tokens per run (relu and gated also at "
         f"{', '.join(f'{t:,}' for t in sorted(a['tokens'])[:-1]) or 'no other budget'}); "
         f"rescale & shift: ReLU on {1 - a['rs_frac']:.0%} of the tokens, r&s on {a['rs_frac']:.0%};"
@@ -540,7 +554,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--batch-size", type=int, help=f"default {DEFAULTS['batch_size']}")
     parser.add_argument("--lr", type=float, help=f"Adam lr, every run (default {DEFAULTS['lr']})")
-    parser.add_argument("--lambdas", type=float, nargs="+", help=f"default {DEFAULTS['lambdas']}")
+    parser.add_argument(
+        "--lambdas", type=float, nargs="+",
+        help=f"λ of relu and rescale_shift (default {DEFAULTS['lambdas']})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gated-lambdas", type=float, nargs="+",
+        help=f"λ of gated and its ablations (default {DEFAULTS['gated_lambdas']})",
+    )  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", help=f"default {DEFAULTS['seeds']}")
     parser.add_argument(
         "--rs-frac", type=float,
@@ -560,13 +581,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.kind = "quick smoke run (--quick), not the default configuration"
     elif changed:
-        args.kind = "reduced/changed configuration, not the defaults (changed: " + ", ".join(
-            f"{k} = {getattr(args, k)} instead of {DEFAULTS[k]}" for k in changed
-        ) + ")"
+        args.kind = (
+            "reduced/changed configuration, not the defaults (changed: "
+            + ", ".join(f"{k} = {getattr(args, k)} instead of {DEFAULTS[k]}" for k in changed)
+            + ")"
+        )
     else:
         args.kind = "the default configuration"
     if not 0 < args.rs_frac < 1:
         parser.error("--rs-frac must be in (0, 1)")
+    if len(args.lambdas) != len(args.gated_lambdas):
+        parser.error("--lambdas and --gated-lambdas need the same number of values")
     return args
 
 
@@ -592,8 +617,11 @@ def main(argv: list[str] | None = None) -> None:
         records.append(record)
         with jsonl.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        print(f"[{i}/{len(todo)}] {arch} λ {lam:g} seed {seed} {tokens:,} tok: L0 {m['l0']:.1f} "
-              f"FVU {m['fvu']:.4f} γ {m['gamma']:.4f} ({m['seconds']:.0f} s)", flush=True)  # fmt: skip
+        print(
+            f"[{i}/{len(todo)}] {arch} λ {lam:g} seed {seed} {tokens:,} tok: L0 {m['l0']:.1f} "
+            f"FVU {m['fvu']:.4f} γ {m['gamma']:.4f} ({m['seconds']:.0f} s)",
+            flush=True,
+        )
         if i % 4 == 0 or i == len(todo):  # refresh the report as the runs come in
             write(records, args, meta | {"wall_s": time.time() - start})
     print(f"wrote {args.out / args.tag}.{{md,jsonl,*.png}}")

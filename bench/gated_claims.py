@@ -524,7 +524,8 @@ def plots(records: list[dict], stem: Path, full: int, seed: int) -> list[Path]:
             ax.set_yscale("log")
             ax.set_title(arch, fontsize=9)
             ax.set_xlabel("tokens")
-            ax.legend(fontsize=7)
+            if ax.lines:
+                ax.legend(fontsize=7)
         axes[0][0].set_ylabel(ylabel)
         fig.tight_layout()
         paths.append(stem.with_suffix(f".{name}.png"))

@@ -12,7 +12,8 @@ then is evaluated as ``python -m flashsae.train`` does (held-out text, SAE splic
 
 Writes bench/results/arch_sweep.jsonl (one line per run: settings, metrics including γ, r_mag
 quantiles for Gated SAEs, log10 θ quantiles for JumpReLU SAEs, time), arch_sweep.md (the
-table) and arch_sweep.fvu.png / arch_sweep.ce.png (FVU and CE loss recovered against L0, one frontier per architecture);
+table) and arch_sweep.fvu.png / arch_sweep.ce.png (FVU and CE loss recovered against L0, one
+frontier per architecture);
 ``--tag`` changes the stem, ``--arch`` and ``--param`` select runs, ``--adam-beta1`` and
 ``--jumprelu-bandwidth`` change one setting (diagnostics).
 The bundled model and the activation cache are built on first use (as the CLI does) under

@@ -289,14 +289,12 @@ def claim_rescale_shift(
 
 
 def _fall(curve: list[list[float]]) -> str:
+    """Training-batch L0 at the middle and at the end of training."""
     l0 = [(t, v) for t, _, _, v in curve if not math.isnan(v)]
     if not l0:
         return "no training L0"
-    peak_t, peak = max(l0, key=lambda p: p[1])
-    half = next((t for t, v in l0 if t > peak_t and v <= peak / 2), None)
-    return f"peak {peak:.0f} at {peak_t:,.0f} tok, " + (
-        f"half of it by {half:,.0f}" if half else "never halved"
-    )
+    mid = min(l0, key=lambda p: abs(p[0] - l0[-1][0] / 2))
+    return f"{mid[1]:.1f} at {mid[0]:,.0f} tok, {l0[-1][1]:.1f} at the end"
 
 
 def claim_no_aux(records: list[dict], tokens: int, seeds: list[int]) -> tuple[bool | None, str]:
@@ -310,9 +308,12 @@ def claim_no_aux(records: list[dict], tokens: int, seeds: list[int]) -> tuple[bo
         l0 = np.mean([r["l0"] for r in runs])
         if gated:
             ratios.append(l0 / max(np.mean(gated), 1e-9))
+        gated_curve = [r["curve"] for r in _select(records, "gated", tokens, runs[0]["seed"])
+                       if r["sparsity_coeff"] == lam]  # fmt: skip
         parts.append(
             f"λ {lam:g}: L0 {l0:.1f} vs Gated {np.mean(gated) if gated else math.nan:.1f} "
-            f"(train L0 {_fall(runs[0]['curve'])})"
+            f"(training L0, seed {runs[0]['seed']}: no-aux {_fall(runs[0]['curve'])}"
+            + (f"; Gated {_fall(gated_curve[0])})" if gated_curve else ")")
         )
     ok = bool(ratios) and max(ratios) <= COLLAPSE
     return ok, "; ".join(parts)
@@ -361,9 +362,10 @@ CLAIMS = [
 
 def verdict(by_budget: dict[int, bool | None]) -> str:
     """'holds' / 'does not hold' / 'holds only from N tokens on' / 'not testable' from the
-    claim's outcome at each budget (None: not testable there)."""
-    budgets = sorted(by_budget)
-    full = by_budget[budgets[-1]]
+    claim's outcome at each budget (None: not testable there, and then not counted, except at
+    the full budget)."""
+    full = by_budget[max(by_budget)]
+    budgets = sorted(b for b, ok in by_budget.items() if ok is not None or b == max(by_budget))
     if full is None:
         return "not testable"
     if not full:
@@ -404,7 +406,7 @@ def markdown(records: list[dict], rows: list[dict], meta: dict) -> str:
         f"Command: `{meta['command']}`  ",
         f"Configuration: **{kind}**  ",
         f"Device: {meta['device']}, torch {meta['torch']}, commit {meta['commit']}; "
-        f"wall time {meta['wall_s'] / 60:.1f} min  ",
+        f"wall time {meta['wall_s'] / 60:.1f} min ({len(records)} runs)  ",
         f"Model {a['model']}, site {meta['site']}, n = {a['n_latents']} latents, batch "
         f"{a['batch_size']}, lr {a['lr']}; λ {a['lambdas']} (relu, rescale_shift), "
         f"{a['gated_lambdas']} (gated and its ablations), seeds {a['seeds']}; full budget "
@@ -421,8 +423,9 @@ def markdown(records: list[dict], rows: list[dict], meta: dict) -> str:
         "| # | claim | measured | verdict |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {r['claim']} | {r['statement']} | {r['measured']} | **{r['verdict']}** |"
-              for r in rows]  # fmt: skip
+    esc = lambda t: t.replace("|", "\\|")  # noqa: E731 - a literal | inside a table cell
+    lines += [f"| {r['claim']} | {esc(r['statement'])} | {esc(r['measured'])} | "
+              f"**{r['verdict']}** |" for r in rows]  # fmt: skip
     lines += [
         "",
         "## Runs",
@@ -573,6 +576,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--tag", default="gated_claims", help="stem of the result files")
+    parser.add_argument(
+        "--report", action="store_true",
+        help="no training: rewrite the md and PNGs from the existing <out>/<tag>.jsonl",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     base = DEFAULTS | (QUICK if args.quick else {})
     changed = [k for k in DEFAULTS if getattr(args, k) is not None and getattr(args, k) != base[k]]
@@ -596,8 +603,24 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def report(args: argparse.Namespace) -> None:
+    """Rewrite the md and PNGs from the JSON lines of an earlier run (its own settings)."""
+    jsonl = (args.out / args.tag).with_suffix(".jsonl")
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    head = records[0]
+    for k in DEFAULTS:
+        setattr(args, k, head[k])
+    args.tokens = sorted({r["tokens"] for r in records})
+    meta = {k: head[k] for k in ("device", "torch", "commit", "command", "kind", "site")}
+    settings = {k: getattr(args, k) for k in DEFAULTS}
+    write(records, args, meta | {"args": settings, "wall_s": records[-1]["elapsed_s"]})
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    if args.report:
+        report(args)
+        return
     command = shlex.join(["python", "bench/gated_claims.py", *(sys.argv[1:] if argv is None
                                                                else argv)])  # fmt: skip
     start = time.time()
@@ -613,8 +636,9 @@ def main(argv: list[str] | None = None) -> None:
     for i, (arch, lam, seed, tokens) in enumerate(todo, 1):
         m = bench.run(arch, lam, seed, tokens)
         record = {"bench": "gated_claims", **{k: meta[k] for k in ("device", "torch", "commit")},
-                  **settings, "site": meta["site"], "arch": arch, "sparsity_coeff": lam,
-                  "seed": seed} | m | {"tokens": tokens}  # fmt: skip
+                  **settings, "site": meta["site"], "command": command, "kind": args.kind,
+                  "arch": arch, "sparsity_coeff": lam, "seed": seed} | m | {
+                  "tokens": tokens, "elapsed_s": time.time() - start}  # fmt: skip
         records.append(record)
         with jsonl.open("a") as f:
             f.write(json.dumps(record) + "\n")

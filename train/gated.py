@@ -8,7 +8,7 @@
 serves both paths and ``kernels.gated`` is its epilogue. The auxiliary term reaches W_enc,
 b_gate and, through x_c, b_dec, but never the decoder. Decoder rows stay unit-norm; Adam
 β = (0, 0.999); λ warms up over the first 5% of steps. Init: W_enc = (2d/n) W_decᵀ,
-b_gate = r_mag = b_mag = 0. The factor 2d/n (``ENCODER_INIT_SCALE``) makes the initial
+b_gate = r_mag = b_mag = 0. The factor 2d/n (``encoder_init_scale``) makes the initial
 reconstruction about the input's size: with unit decoder rows and W_enc = c W_decᵀ, about half
 the latents fire on any x_c and the component of f W_dec along x_c is ≈ c n/(2d) x_c, so
 W_enc = W_decᵀ (c = 1) started 8x too large at n = 16d. Default λ = 2 (``default_sparsity_coeff``,

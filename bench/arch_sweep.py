@@ -11,9 +11,11 @@ then is evaluated as ``python -m flashsae.train`` does (held-out text, SAE splic
                           (``flashsae.train.gated.rescale_shift``) for another budget of tokens
 
 Writes bench/results/arch_sweep.jsonl (one line per run: settings, metrics including γ, r_mag
-quantiles for Gated SAEs, time), arch_sweep.md (the table) and arch_sweep.fvu.png /
-arch_sweep.ce.png (FVU and CE loss recovered against L0, one frontier per architecture);
-``--tag`` changes the stem, ``--arch`` and ``--param`` select runs (diagnostics).
+quantiles for Gated SAEs, log10 θ quantiles for JumpReLU SAEs, time), arch_sweep.md (the
+table) and arch_sweep.fvu.png / arch_sweep.ce.png (FVU and CE loss recovered against L0, one
+frontier per architecture);
+``--tag`` changes the stem, ``--arch`` and ``--param`` select runs, ``--adam-beta1`` and
+``--jumprelu-bandwidth`` change one setting (diagnostics).
 The bundled model and the activation cache are built on first use (as the CLI does) under
 FLASHSAE_HOME.
 """
@@ -33,6 +35,7 @@ from flashsae.cache.loader import ActivationLoader
 from flashsae.train import RunConfig
 from flashsae.train.eval import evaluate
 from flashsae.train.gated import GatedSAE, rescale_shift
+from flashsae.train.jumprelu import JumpReLUSAE
 from flashsae.train.metrics import METRIC_KEYS
 from flashsae.train.pipeline import prepare, train_config
 from flashsae.train.plots import frontier_plot
@@ -80,6 +83,8 @@ class Context:
         args, data = self.args, self.data
         if args.adam_beta1 is not None:
             sae.adam_betas = (args.adam_beta1, sae.adam_betas[1])
+        if args.jumprelu_bandwidth is not None and isinstance(sae, JumpReLUSAE):
+            sae.bandwidth = args.jumprelu_bandwidth
         loader = ActivationLoader(data.cache, self.site, args.batch_size, seed=args.seed)
         start = time.time()
         summary = train_sae(sae, loader, train_config(data.cfg, data.device), NullLogger())
@@ -90,13 +95,18 @@ class Context:
 
 
 def magnitude_stats(sae: SAE) -> dict:
-    """For Gated SAEs (rescale & shift included): quantiles over latents of the learned
-    log-rescale r_mag and shift b_mag - b_gate of the magnitude path relative to the gate."""
-    if not isinstance(sae, GatedSAE):
+    """Quantiles over latents of, for Gated SAEs (rescale & shift included), the learned
+    log-rescale r_mag and shift b_mag - b_gate of the magnitude path relative to the gate; for
+    JumpReLU SAEs, log10 θ."""
+    if isinstance(sae, JumpReLUSAE):
+        stats = (("log10_theta", sae.threshold.log10()),)
+    elif isinstance(sae, GatedSAE):
+        stats = (("r_mag", sae.r_mag), ("shift", sae.b_mag - sae.b_gate))
+    else:
         return {}
     probs = torch.tensor([0.1, 0.5, 0.9])
     out = {}
-    for name, v in (("r_mag", sae.r_mag), ("shift", sae.b_mag - sae.b_gate)):
+    for name, v in stats:
         for p, q in zip((10, 50, 90), v.detach().quantile(probs).tolist(), strict=True):
             out[f"{name}_p{p}"] = q
     return out
@@ -152,6 +162,10 @@ def main() -> None:
     parser.add_argument(
         "--adam-beta1", type=float, default=None, help="override every architecture's Adam β1"
     )
+    parser.add_argument(
+        "--jumprelu-bandwidth", type=float, default=None,
+        help="JumpReLU's pseudo-derivative bandwidth ε (default: the kernel's 1e-3)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--tag", default="arch_sweep", help="stem of the result files")
     args = parser.parse_args()
@@ -164,7 +178,7 @@ def main() -> None:
         **env, "model": args.model, "site": ctx.site, "n_latents": args.n_latents,
         "tokens": args.tokens, "batch_size": args.batch_size, "lr": args.lr,
         "eval_tokens": args.eval_tokens, "seed": args.seed, "input_scale": ctx.scale,
-        "adam_beta1": args.adam_beta1,
+        "adam_beta1": args.adam_beta1, "jumprelu_bandwidth": args.jumprelu_bandwidth,
     }  # fmt: skip
     records = []
     for arch, values in GRID.items():

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from flashsae.kernels import BANDWIDTH
 from flashsae.train.batchtopk import THRESHOLD_DECAY, matryoshka_prefixes
 from flashsae.train.checkpoint import load_sae, save_sae
-from flashsae.train.gated import GatedSAE, rescale_shift
+from flashsae.train.gated import GatedNoAuxSAE, GatedSAE, GatedSigmoidSAE, rescale_shift
 from flashsae.train.jumprelu import THRESHOLD_LR_SCALE, JumpReLUSAE
 from flashsae.train.relu import ReLUSAE
 from flashsae.train.sae import SAE_CLASSES, SPARSITY_WARMUP, make_sae, normalized_mse
@@ -20,11 +20,19 @@ from flashsae.train.wandb_log import NullLogger
 ARCHS = sorted(SAE_CLASSES)
 D, N, B = 16, 64, 128
 RAW_GAIN, RAW_SHIFT = 7.0, 3.0  # raw activations: not normalized, nonzero mean
-COEFF = {"relu": 0.3, "gated": 0.3, "jumprelu": 0.03}  # λ for these tiny SAEs (d = 16)
+COEFF = {
+    "relu": 0.3,
+    "gated": 0.3,
+    "gated_noaux": 0.3,
+    "gated_sigmoid": 0.3,
+    "jumprelu": 0.03,
+}  # λ for these tiny SAEs (d = 16)
 KEYS = {
     "topk": {"W_enc", "b_enc", "W_dec", "b_dec"},
     "relu": {"W_enc", "b_enc", "W_dec", "b_dec"},
     "gated": {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"},
+    "gated_noaux": {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"},
+    "gated_sigmoid": {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"},
     "jumprelu": {"W_enc", "b_enc", "threshold", "W_dec", "b_dec"},
     "batchtopk": {"W_enc", "b_enc", "threshold", "W_dec", "b_dec"},
     "matryoshka": {"W_enc", "b_enc", "threshold", "W_dec", "b_dec"},
@@ -310,3 +318,66 @@ def test_auxk_gives_the_segment_reduction_no_padded_pairs(monkeypatch, budget):
     assert sorted(n for n, _ in pairs) == sorted([B * k, B * k, B * 2])
     (aux_latents,) = [lat for n, lat in pairs if n == B * 2]
     assert aux_latents == {17, 40}
+
+
+@pytest.mark.parametrize("arch", ["gated", "jumprelu"])
+def test_initial_reconstruction_has_about_the_inputs_norm(arch):
+    """W_enc = (2d/n) W_decᵀ: at n = 16 d, ||x̂ - b_dec|| ≈ ||x - b_dec|| (W_enc = W_decᵀ gave
+    about 8x), and FVU well under 1 before any training."""
+    torch.manual_seed(0)
+    d, n = 32, 512
+    raw = torch.randn(4096, d) * 3 + 1
+    sae = make_sae(arch, n, raw.mean(0), raw.square().sum(1).mean().item())
+    x = raw * sae.cfg.input_scale
+    with torch.no_grad():
+        xc, f = x - sae.b_dec, sae.encode(x)
+        ratio = ((f @ sae.W_dec).norm(dim=1) / xc.norm(dim=1)).mean().item()
+    assert 0.8 < ratio < 1.3, ratio
+    assert 0.3 < (f > 0).float().mean() < 0.7  # about half the latents fire
+    assert normalized_mse(x, sae(x).detach()) < 0.3
+
+
+def test_gated_noaux_drops_only_the_auxiliary_term():
+    torch.manual_seed(0)
+    stream = _Stream()
+    gated = _build("gated", stream)
+    noaux = _build("gated_noaux", stream)
+    assert isinstance(noaux, GatedNoAuxSAE) and noaux.saelens == gated.saelens
+    noaux.load_state_dict(gated.state_dict())
+    x = stream.batch(0) * gated.cfg.input_scale
+    dead = torch.zeros(N, dtype=torch.bool)
+    loss_g, parts_g, _ = gated.training_loss(x, dead, 1.0)
+    loss_n, parts_n, _ = noaux.training_loss(x, dead, 1.0)
+    lam = gated.cfg.sparsity_coeff
+    torch.testing.assert_close(loss_g, parts_g["mse"] + lam * parts_g["l1"] + parts_g["aux"])
+    torch.testing.assert_close(loss_n, parts_n["mse"] + lam * parts_n["l1"])
+    assert parts_n["aux"] > 0  # still computed and logged
+    torch.testing.assert_close(parts_n["l0"], (gated.encode(x) > 0).sum(1).float().mean())
+    (g_b_gate,) = torch.autograd.grad(loss_n, [noaux.b_gate])
+    # without L_aux the gate bias sees only the L1 term: λ 1[π_gate > 0] / B, never negative
+    with torch.no_grad():
+        pi_gate = (x - noaux.b_dec) @ noaux.W_enc + noaux.b_gate
+    torch.testing.assert_close(g_b_gate, lam * (pi_gate > 0).float().mean(0))
+
+
+def test_gated_sigmoid_gate_and_l1_on_f():
+    torch.manual_seed(0)
+    sae = _build("gated_sigmoid", _Stream())
+    assert isinstance(sae, GatedSigmoidSAE) and sae.saelens is None
+    with torch.no_grad():
+        for p in (sae.b_gate, sae.r_mag, sae.b_mag):
+            p.normal_(0, 0.3)
+    x = _Stream().batch(0) * sae.cfg.input_scale
+    with torch.no_grad():
+        pre = (x - sae.b_dec) @ sae.W_enc
+        f = torch.sigmoid(pre + sae.b_gate) * torch.relu(sae.r_mag.exp() * pre + sae.b_mag)
+    torch.testing.assert_close(sae.encode(x), f)
+    loss, parts, fired = sae.training_loss(x, torch.zeros(N, dtype=torch.bool), 1.0)
+    mse = (x - f @ sae.W_dec - sae.b_dec).square().sum(1).mean()
+    torch.testing.assert_close(parts["l1"], f.sum(1).mean())
+    torch.testing.assert_close(loss, mse + sae.cfg.sparsity_coeff * f.sum(1).mean())
+    assert torch.equal(fired, (f > 0).any(0))
+    # the reconstruction reaches the gate directly (no Heaviside)
+    (g,) = torch.autograd.grad(sae.training_loss(x, torch.zeros(N, dtype=torch.bool), 0.0)[0],
+                               [sae.b_gate])  # fmt: skip
+    assert g.abs().sum() > 0

@@ -142,7 +142,21 @@ def randomized(arch, input_scale=2.0):
     return sae.eval()
 
 
-@pytest.mark.parametrize("arch", sorted(SAE_CLASSES))
+EXPORTABLE = sorted(a for a, cls in SAE_CLASSES.items() if cls.saelens is not None)
+
+
+def test_an_architecture_without_a_saelens_equivalent_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert SAE_CLASSES["gated_sigmoid"].saelens is None
+    sae = randomized("gated_sigmoid")
+    save_sae(sae, tmp_path / "run")
+    for source in (tmp_path / "run", sae):
+        with pytest.raises(UserError, match="gated_sigmoid SAE has no SAELens equivalent"):
+            export_saelens(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch", EXPORTABLE)
 def test_every_architecture_exports_the_same_function(arch, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # torch reference kernels
     sae = randomized(arch)

@@ -21,6 +21,10 @@ built-in ones:
 | gated      | gated                | b_gate, r_mag, b_mag                | true                 |
 | jumprelu   | jumprelu             | b_enc, threshold                    | false                |
 | relu       | standard             | b_enc                               | false                |
+| gated_noaux | gated               | b_gate, r_mag, b_mag                | true                 |
+
+An architecture whose ``saelens`` is None (``gated_sigmoid``) has no SAELens equivalent, and
+its export is refused with a ``UserError``.
 
 With x_c = x - b_dec where apply_b_dec_to_input, else x_c = x, both libraries compute
 x̂ = f W_dec + b_dec and
@@ -99,8 +103,13 @@ def to_saelens(
     a flashsae ``arch`` SAE; ``k`` is required for topk, the rest is metadata."""
     if arch not in SAE_CLASSES:
         raise UserError(f"cannot export arch {arch!r} to SAELens; known: {sorted(SAE_CLASSES)}")
-    d, n = _check_tensors(arch, params)
     mapping = SAE_CLASSES[arch].saelens
+    if mapping is None:
+        raise UserError(
+            f"a {arch} SAE has no SAELens equivalent ({SAE_CLASSES[arch].__name__}: "
+            f"{(SAE_CLASSES[arch].__doc__ or '').splitlines()[0]}); it cannot be exported"
+        )
+    d, n = _check_tensors(arch, params)
     tensors = {name: t.detach().float().cpu().contiguous() for name, t in params.items()}
     if mapping.scalar_threshold:
         tensors["threshold"] = tensors["threshold"].expand(n).contiguous()

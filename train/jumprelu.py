@@ -5,10 +5,11 @@
 
 θ learns only through the straight-through pseudo-derivatives of ``kernels.jumprelu``
 (rectangle kernel, bandwidth ε = 1e-3), z through the true gradients. Init: θ = 1e-3,
-W_enc = W_decᵀ, b_enc = 0; decoder rows unit-norm; Adam β = (0, 0.999) as in the paper; λ warms
-up over the first 5% of steps. Default λ = 0.2 (``default_sparsity_coeff``, used when the
-config's λ is 0): L0 ≈ 50 on the bundled model's default site (n = 2048, 1M tokens in batches
-of 1024, lr 1e-3).
+W_enc = (2d/n) W_decᵀ (so the initial reconstruction has about the input's norm, as for the
+Gated SAE: ``gated.encoder_init_scale``), b_enc = -b_dec W_enc (so z = (x - b_dec) W_enc at
+the start: the data mean does not push every latent on); decoder rows unit-norm; Adam
+β = (0, 0.999) as in the paper; λ warms up over the first 5% of steps. Default λ = 0.2
+(``default_sparsity_coeff``, used when the config's λ is 0).
 
 θ = exp(c · theta_param) with c = ``THRESHOLD_LR_SCALE``: positive, and, since Adam moves a
 parameter by about lr per step whatever its gradient's scale, log θ learns c times faster than
@@ -29,6 +30,7 @@ from torch import nn
 
 from flashsae.kernels import BANDWIDTH, jumprelu
 
+from .gated import encoder_init_scale
 from .sae import SAE, SAEConfig, SAELensLayout, register, warmed_up
 
 THRESHOLD_INIT = 1e-3
@@ -46,15 +48,23 @@ class JumpReLUSAE(SAE):
     saelens = SAELensLayout("jumprelu", ("W_enc", "b_enc", "threshold", "W_dec", "b_dec"), False)
     default_sparsity_coeff = 0.2
     adam_betas = (0.0, 0.999)
+    bandwidth: float = BANDWIDTH  # ε of the pseudo-derivatives (an instance may set another)
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         n = cfg.n_latents
-        self.W_enc = nn.Parameter(self.W_dec.detach().T.clone().contiguous())
+        c = encoder_init_scale(cfg.d, n)
+        self.W_enc = nn.Parameter((c * self.W_dec.detach().T).contiguous())
         self.b_enc = nn.Parameter(torch.zeros(n))
         log_theta = math.log(THRESHOLD_INIT) / THRESHOLD_LR_SCALE
         self.theta_param = nn.Parameter(torch.full((n,), log_theta))
         self.register_load_state_dict_pre_hook(_threshold_from_checkpoint)
+
+    @torch.no_grad()
+    def init_b_dec(self, mean: torch.Tensor) -> None:
+        """b_dec = mean, and b_enc = -mean W_enc, so that z = (x - mean) W_enc at the start."""
+        super().init_b_dec(mean)
+        self.b_enc.copy_(-mean @ self.W_enc)
 
     @property
     def threshold(self) -> torch.Tensor:
@@ -70,7 +80,7 @@ class JumpReLUSAE(SAE):
 
     def encode_l0(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(f [B, n], L0 count per row [B])."""
-        return jumprelu(x @ self.W_enc, self.b_enc, self.threshold, BANDWIDTH)
+        return jumprelu(x @ self.W_enc, self.b_enc, self.threshold, self.bandwidth)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode_l0(x)[0]

@@ -119,7 +119,7 @@ class SAE(nn.Module):
     0; None for architectures without a λ)."""
 
     arch: str = ""
-    saelens: SAELensLayout
+    saelens: SAELensLayout | None  # None: SAELens cannot represent it (export refuses)
     default_sparsity_coeff: float | None = None
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = None

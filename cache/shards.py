@@ -192,7 +192,7 @@ class ShardWriter:
                     self.pending[site][1] + sq.cpu(),
                 )
                 cast = rows.to("cpu", self.dtype)
-                if not torch.isfinite(cast).all():  # NaN in, or beyond float16's range
+                if not all_finite(cast):  # NaN in, or beyond float16's range
                     raise UserError(
                         f"non-finite activations (NaN/inf) at {site} after the cast to "
                         f"{self.dtype_name}; check the model, or use --dtype float32"
@@ -298,8 +298,16 @@ def open_cache(folder: Path, site: str | None = None) -> dict:
     return manifest
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of ``x`` is finite, from its max and min (NaN propagates through
+    both, +inf shows in the max, -inf in the min): faster than ``isfinite(x).all()``."""
+    return not x.numel() or bool(torch.isfinite(x.amax()) and torch.isfinite(x.amin()))
+
+
 def _nonfinite(path: Path, site: str, x: torch.Tensor) -> UserError | None:
-    """A UserError naming the shard if ``x`` holds a NaN or inf (checked in blocks of rows)."""
+    """A UserError naming the shard and row if ``x`` holds a NaN or inf."""
+    if all_finite(x):
+        return None
     for start in range(0, len(x), 8192):
         block = x[start : start + 8192]
         if not torch.isfinite(block).all():

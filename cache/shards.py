@@ -6,7 +6,8 @@ row, the token id (``tokens``), the document index (``doc``), the position in it
 sequence (``pos``) and the sequence index (``seq``), all int32. A shard is streamed
 to a temporary name, fsynced and renamed (``shard_file.py``), and only then added to
 the manifest (itself replaced atomically), so a crash loses at most the shard in
-flight and a rerun resumes from the manifest's ``cursor``.
+flight and a rerun resumes from the manifest's ``cursor``. Manifests are checked on
+reading (fields, types, shard names that are plain names inside the cache).
 
 The manifest's ``stats`` hold running sums over the listed shards (row count,
 per-dimension sum, sum of squared norms, float64), so the mean and the mean

@@ -42,8 +42,10 @@ def keep_mask(
 
 def check_sites(sites: list[str]) -> None:
     """A UserError unless ``sites`` is a non-empty list of distinct, non-empty names."""
-    if not sites or not all(isinstance(s, str) and s.strip() for s in sites):
+    if not any(isinstance(s, str) and s.strip() for s in sites):
         raise UserError("--sites names no site; give one or more, comma-separated")
+    if not all(isinstance(s, str) and s.strip() for s in sites):
+        raise UserError(f"--sites {','.join(map(str, sites))} has an empty name (a stray comma)")
     repeated = sorted({s for s in sites if sites.count(s) > 1})
     if repeated:
         raise UserError(f"--sites names {', '.join(repeated)} more than once")

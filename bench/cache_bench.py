@@ -8,6 +8,10 @@
   statistics are handed in precomputed, as the capture kernel does in a build.
 - read: rows/s of the shuffling loader over a raw read of the same shard files into one
   reused buffer (page cache warm for both after the warm-up round). Goal: >= 0.7.
+  Unverified (``verify=False``); "read-verified" times the same first epoch with each
+  shard's sha256 and finiteness checked on first map, over the unverified one. It is the
+  cost of checking when the loader is the bottleneck; in training the checks run in the
+  prefetch thread. Goal: >= 0.5.
 - feed: rows/s of the loader as the trainer uses it (prefetch thread, pinned memory, on
   the device) over rows/s the TopK trainer consumes at d=768 (--d). Goal: > 1, on a GPU.
 
@@ -135,8 +139,8 @@ def bench_write_read(args: argparse.Namespace, work: Path) -> list[dict]:
     t_write, t_raw_write, write_ratio = paired(write, raw_write, args.repeats, reset)
     write()  # the last reset deleted the cache that the read benchmark reads
 
-    def read() -> None:
-        loader = ActivationLoader(work / "cache", "x", 4096, device=args.device)
+    def read(verify: bool = False) -> None:
+        loader = ActivationLoader(work / "cache", "x", 4096, device=args.device, verify=verify)
         for batch in loader.epoch_batches(0):
             batch.to(args.device)
 
@@ -148,6 +152,7 @@ def bench_write_read(args: argparse.Namespace, work: Path) -> list[dict]:
                 fh.readinto(into)
 
     t_read, t_raw_read, read_ratio = paired(read, raw_read, args.repeats)
+    t_checked, t_unchecked, checked_ratio = paired(lambda: read(True), read, args.repeats)
     shape = f"rows={rows} d={d} bf16 shard_rows={args.shard_rows} ({n_bytes / 2**20:.0f} MiB)"
     return [
         {
@@ -169,6 +174,16 @@ def bench_write_read(args: argparse.Namespace, work: Path) -> list[dict]:
             "baseline_value": rows / t_raw_read,
             "ratio": read_ratio,
             "goal": 0.7,
+        },
+        {
+            "bench": "read-verified",
+            "shape": shape,
+            "baseline": "the same first epoch unverified (--no-verify)",
+            "value": rows / t_checked,
+            "unit": "rows/s",
+            "baseline_value": rows / t_unchecked,
+            "ratio": checked_ratio,
+            "goal": 0.5,
         },
     ]
 

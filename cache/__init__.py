@@ -7,7 +7,8 @@
 - ``build``: cache settings and building (resumable) a cache.
 - ``__main__``: ``python -m flashsae.cache {build,info,verify}``.
 - ``shards``, ``shard_file``: the on-disk format; ``loader``: shuffled batches from it.
-- ``paths``: ``$FLASHSAE_HOME``; ``errors``: mistakes a user can fix.
+- ``paths``: ``$FLASHSAE_HOME``, local-path tests and file digests; ``errors``: mistakes a
+  user can fix; ``locks``: one writer per output directory.
 
 ``flashsae.train`` imports ``flashsae.cache``, which imports ``flashsae.kernels``; never back.
 """

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .build import build, cache_settings
+from .build import build, cache_settings, check_sites
 from .errors import UserError, report_errors
 from .models.subjects import get_subject, pick_device
-from .shards import DTYPES, load_shard, read_manifest
+from .shards import DTYPES, check_shard, damaged_shards, read_manifest
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,7 +35,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     b.add_argument("--seed", type=int, default=0, help="seed of the sequence order")
     b.add_argument("--drop-tokens", default="", help="comma-separated token ids not to cache")
-    for name, text in (("info", "describe a cache"), ("verify", "recompute every checksum")):
+    b.add_argument(
+        "--verify",
+        action="store_true",
+        help="on an existing cache, check every shard's checksum too (not just its size)",
+    )
+    for name, text in (
+        ("info", "describe a cache"),
+        ("verify", "recompute every checksum, look for NaN/inf"),
+    ):
         sub.add_parser(name, help=text).add_argument("dir", type=Path)
     return p.parse_args(argv)
 
@@ -44,9 +52,12 @@ def run_build(args: argparse.Namespace) -> None:
     for flag in ("tokens", "shard_rows", "batch_size"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive")
+    if args.seq_len < 2:
+        raise UserError(f"--seq-len must be at least 2 (BOS and one token), not {args.seq_len}")
+    sites = [s.strip() for s in args.sites.split(",")]
+    check_sites(sites)
     args.device = pick_device(args.device)
     subject = get_subject(args.model, args.seq_len)
-    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     for site in sites:
         subject.check_site(site)
     try:
@@ -65,17 +76,26 @@ def run_build(args: argparse.Namespace) -> None:
         text_field=args.text_field,
     )
     model = subject.load(args.device)
-    manifest = build(subject, model, settings, args.out, args.batch_size, args.shard_rows)
+    manifest = build(
+        subject, model, settings, args.out, args.batch_size, args.shard_rows, args.verify
+    )
     print(f"{args.out}: {manifest['total_rows']} rows in {len(manifest['shards'])} shards")
 
 
-def run_info(folder: Path) -> None:
+def run_info(folder: Path) -> int:
     m = read_manifest(folder)
     s = m["settings"]
     size = sum(
         (folder / e["file"]).stat().st_size for e in m["shards"] if (folder / e["file"]).exists()
     )
-    print(f"cache      {folder} ({'complete' if m['complete'] else 'UNFINISHED: rerun build'})")
+    bad = damaged_shards(folder, m)
+    if bad:
+        state = f"DAMAGED: {len(bad)} of {len(m['shards'])} shards missing or bad; rerun build"
+    else:
+        state = "complete" if m["complete"] else "UNFINISHED: rerun build"
+    print(f"cache      {folder} ({state})")
+    for reason in bad.values():
+        print(f"error: {reason}", file=sys.stderr)
     print(f"model      {s['model']}  sites {', '.join(s['sites'])}  d {s['d']}  dtype {s['dtype']}")
     print(f"text       {s.get('dataset')}  seq_len {s.get('seq_len')}  seed {s.get('seed')}")
     print(f"rows       {m['total_rows']} in {len(m['shards'])} shards, {size / 2**20:.1f} MiB")
@@ -84,6 +104,7 @@ def run_info(folder: Path) -> None:
         count = max(st["count"], 1)
         mean_norm = torch.tensor(st["sum"]).div(count).norm().item()
         print(f"{site}: |mean| {mean_norm:.4g}, E||x||² {st['sum_sq_norm'] / count:.4g}")
+    return 1 if bad else 0
 
 
 def run_verify(folder: Path) -> int:
@@ -91,7 +112,7 @@ def run_verify(folder: Path) -> int:
     bad = []
     for entry in tqdm(m["shards"], desc="verifying", unit="shard"):
         try:
-            load_shard(folder, entry, m["settings"]["sites"][0], verify=True)
+            check_shard(folder, entry, m["settings"]["sites"], verify=True)
         except UserError as e:
             bad.append(str(e))
     for line in bad:

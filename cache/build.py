@@ -8,7 +8,9 @@ does that for a subject model's own token stream.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,10 +22,11 @@ from flashsae.kernels.capture_kernels import compact_rows
 
 from .errors import UserError
 from .hooks import capture
+from .locks import LOCK_NAME, exclusive_lock
 from .models.subjects import Subject
 from .paths import flashsae_home
-from .shards import ShardWriter
-from .text import Packed
+from .shards import META, ShardWriter, damaged_shards
+from .text import Packed, source_digest
 
 
 def keep_mask(
@@ -37,6 +40,42 @@ def keep_mask(
     return keep
 
 
+def check_sites(sites: list[str]) -> None:
+    """A UserError unless ``sites`` is a non-empty list of distinct, non-empty names."""
+    if not any(isinstance(s, str) and s.strip() for s in sites):
+        raise UserError("--sites names no site; give one or more, comma-separated")
+    if not all(isinstance(s, str) and s.strip() for s in sites):
+        raise UserError(f"--sites {','.join(map(str, sites))} has an empty name (a stray comma)")
+    repeated = sorted({s for s in sites if sites.count(s) > 1})
+    if repeated:
+        raise UserError(f"--sites names {', '.join(repeated)} more than once")
+
+
+def _capture_batch(
+    model: nn.Module, tokens: torch.Tensor, sites: list[str], d: int
+) -> dict[str, torch.Tensor]:
+    """``{site: [B * T, d]}`` for one batch of sequences; a UserError for a site of another
+    width than the cache's d (d_model)."""
+    device = next(model.parameters()).device
+    acts = capture(model, tokens.to(device), sites)
+    for site, a in acts.items():
+        if a.shape[-1] != d:
+            raise UserError(
+                f"site {site} is {a.shape[-1]} wide, not d_model={d}; "
+                "cache a residual-stream-wide site (blocks.L.hook_*)"
+            )
+    return {site: a.reshape(-1, a.shape[-1]) for site, a in acts.items()}
+
+
+def _missing_dirs(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
 def build_cache(
     model: nn.Module,
     sequences: Packed | Callable[[], Packed],
@@ -46,23 +85,96 @@ def build_cache(
     batch_size: int = 64,
     rows_per_shard: int = 65536,
     drop_tokens: tuple[int, ...] = (),
+    verify: bool = False,
 ) -> dict:
     """Capture ``sites`` over the packed sequences into the cache ``out``; returns its manifest.
 
-    ``sequences`` may be a function making them, called only when the cache is unfinished.
+    ``sequences`` may be a function making them, called only when the cache is unfinished
+    or damaged.
 
     Rows at BOS and at ``drop_tokens`` are dropped; each kept row is stored with its
     token id, document index, position and sequence index. Rows are written in sequence
     order and the manifest records where the last complete shard ended, so a rerun
-    continues exactly there.
+    continues exactly there. A rerun first checks the listed shards (layout and size; also
+    checksums and finiteness with ``verify``) and rebuilds any missing or bad one in place.
+    Resuming and rebuilding run the model on the batch grid the cache was started with
+    (its recorded batch size), so the result equals an uninterrupted build's.
+
+    ``out`` is locked while it is written (``locks.exclusive_lock``); a build that fails
+    before its first shard removes the directories it created.
     """
-    device = next(model.parameters()).device
+    check_sites(sites)
+    out = Path(out)
+    created = _missing_dirs(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create cache directory {out}: {e.strerror}") from e
+    try:
+        with exclusive_lock(out, "a cache build"):
+            return _build_locked(
+                model, sequences, sites, out, settings, batch_size, rows_per_shard,
+                drop_tokens, verify,
+            )  # fmt: skip
+    finally:
+        if created and not (out / "manifest.json").exists():
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            for folder in created:  # only what this build made, and only if left empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+
+
+def _build_locked(
+    model: nn.Module,
+    sequences: Packed | Callable[[], Packed],
+    sites: list[str],
+    out: Path,
+    settings: dict,
+    batch_size: int,
+    rows_per_shard: int,
+    drop_tokens: tuple[int, ...],
+    verify: bool,
+) -> dict:
     writer = ShardWriter(out, {**settings, "sites": sites}, rows_per_shard)
-    if writer.complete:
+    bad = damaged_shards(out, writer.manifest, verify)
+    if writer.complete and not bad:
         return writer.manifest
+    for reason in bad.values():
+        print(f"rebuilding a damaged shard: {reason}", file=sys.stderr)
+    grid = writer.manifest.setdefault("batch_size", batch_size)
+    if grid != batch_size:
+        print(f"{out} was started with --batch-size {grid}; continuing on that grid")
     packed = sequences() if callable(sequences) else sequences
     tokens, n_seqs, seq_len = packed.tokens, *packed.tokens.shape
     keep = keep_mask(tokens, drop_tokens)
+    d = writer.d
+    if bad:
+        kept = keep.reshape(-1).nonzero()[:, 0]  # flat position of each cached row, in order
+        starts = [0, *itertools.accumulate(e["rows"] for e in writer.manifest["shards"])]
+        for i in bad:
+            flat = kept[starts[i] : starts[i + 1]]
+            first, last = flat[0].item() // seq_len, flat[-1].item() // seq_len
+            parts: dict[str, list[torch.Tensor]] = {k: [] for k in [*sites, *META]}
+            for start in range(first - first % grid, last + 1, grid):
+                acts = _capture_batch(model, tokens[start : start + grid], sites, d)
+                lo, hi = start * seq_len, min(start + grid, n_seqs) * seq_len
+                mask = torch.zeros(hi - lo, dtype=torch.bool)
+                mask[flat[(flat >= lo) & (flat < hi)] - lo] = True
+                for site, h in acts.items():
+                    parts[site].append(compact_rows(h, mask.to(h.device), writer.dtype)[0].cpu())
+            meta = {
+                "tokens": tokens.reshape(-1)[flat],
+                "doc": packed.doc.reshape(-1)[flat],
+                "pos": flat % seq_len,
+                "seq": flat // seq_len,
+            }
+            for name, column in meta.items():
+                parts[name].append(column.to(torch.int32))
+            writer.replace_shard(i, parts)
+        if writer.complete:
+            return writer.manifest
     first_seq, written = writer.cursor
     keep[:first_seq] = False  # on disk already, and so are the first `written` rows of first_seq
     keep[first_seq, keep[first_seq].nonzero()[:written, 0]] = False
@@ -70,16 +182,15 @@ def build_cache(
     seq_ids = torch.arange(n_seqs, dtype=torch.int32)[:, None].expand(n_seqs, seq_len)
     bar = tqdm(
         total=n_seqs * seq_len,
-        initial=(first_seq - first_seq % batch_size) * seq_len,
+        initial=(first_seq - first_seq % grid) * seq_len,
         desc=f"capturing {', '.join(sites)}",
         unit="tok",
         unit_scale=True,
     )
     # batches on the same grid as an uninterrupted build: identical arithmetic, identical cache
-    for start in range(first_seq - first_seq % batch_size, n_seqs, batch_size):
-        rows = slice(start, start + batch_size)
-        acts = capture(model, tokens[rows].to(device), sites)
-        flat = {site: a.reshape(-1, a.shape[-1]) for site, a in acts.items()}
+    for start in range(first_seq - first_seq % grid, n_seqs, grid):
+        rows = slice(start, start + grid)
+        flat = _capture_batch(model, tokens[rows], sites, d)
         kept = keep[rows].reshape(-1).nonzero()[:, 0]
         meta = {
             "tokens": tokens[rows].reshape(-1),
@@ -117,8 +228,18 @@ def cache_settings(
     text_field: str = "text",
 ) -> dict:
     """What identifies a cache: equal settings give identical contents. ``text_field`` is
-    recorded only when it is not "text", so caches built before it existed still match."""
+    recorded only when it is not "text", so caches built before it existed still match.
+
+    ``model_key`` is the subject's key (bundled: its recipe; Hub: id and revision; local
+    folder: a digest of its weight files) and ``text_digest`` a digest of a local text
+    source's files (``text.source_digest``: contents, or sizes and modification times past
+    a size limit), so an edited corpus or checkpoint gets a new default cache directory and
+    an existing ``--out`` built from the old one is refused.
+    """
     field = {} if text_field == "text" else {"text_field": text_field}
+    digest = source_digest(text)
+    if digest is not None:
+        field["text_digest"] = digest
     return {
         "model": subject.name,
         "model_key": subject.key,
@@ -150,8 +271,10 @@ def build(
     out: Path,
     batch_size: int = 64,
     rows_per_shard: int = 65536,
+    verify: bool = False,
 ) -> dict:
-    """Capture ``settings["sites"]`` into ``out`` (resuming a partial cache); the manifest."""
+    """Capture ``settings["sites"]`` into ``out`` (resuming a partial cache, rebuilding damaged
+    shards: ``build_cache``); the manifest."""
     return build_cache(
         model,
         lambda: subject.sequences(
@@ -168,4 +291,5 @@ def build(
         batch_size=batch_size,
         rows_per_shard=rows_per_shard,
         drop_tokens=tuple(settings["drop_tokens"]),
+        verify=verify,
     )

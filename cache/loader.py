@@ -38,7 +38,14 @@ def _gather(
 
 
 class ActivationLoader:
-    """Iterate ``[batch_size, d]`` batches of ``site`` from the cache in ``folder``, forever."""
+    """Iterate ``[batch_size, d]`` batches of ``site`` from the cache in ``folder``, forever.
+
+    With ``verify`` (the default) each shard is checked the first time it is mapped: its
+    sha256 against the manifest and every value of ``site`` finite, a UserError naming the
+    shard otherwise. That reads each shard once more in the first epoch, in the prefetch
+    thread of ``batches`` (measured in bench/cache_bench.py, "read" rows); ``verify=False``
+    skips it.
+    """
 
     def __init__(
         self,
@@ -50,6 +57,7 @@ class ActivationLoader:
         buffer_shards: int = 4,
         rank: int = 0,
         world_size: int = 1,
+        verify: bool = True,
     ) -> None:
         self.folder = Path(folder)
         self.manifest = open_cache(self.folder, site)
@@ -59,6 +67,16 @@ class ActivationLoader:
         self.device = torch.device(device)
         self.buffer_shards = buffer_shards
         self.rank, self.world_size = rank, world_size
+        self.verify = verify
+        self.verified: set[int] = set()  # shards checked already
+
+    def _load(self, j: int) -> torch.Tensor:
+        """Shard ``j``'s rows of the site, memory-mapped; checked on first use if ``verify``."""
+        check = self.verify and j not in self.verified
+        x = load_shard(self.folder, self.manifest["shards"][j], self.site, verify=check)
+        if check:
+            self.verified.add(j)
+        return x
 
     @property
     def rows(self) -> int:
@@ -87,14 +105,10 @@ class ActivationLoader:
         is copied once, into its batch.
         """
         order, gen = self._shard_order(epoch)
-        shards = self.manifest["shards"]
         settings = self.manifest["settings"]
         carry = torch.empty(0, settings["d"], dtype=DTYPES[settings["dtype"]])
         for i in range(0, len(order), self.buffer_shards):
-            sources = [carry] + [
-                load_shard(self.folder, shards[j], self.site)
-                for j in order[i : i + self.buffer_shards]
-            ]
+            sources = [carry] + [self._load(j) for j in order[i : i + self.buffer_shards]]
             starts = [0, *itertools.accumulate(len(x) for x in sources)]
             n_new = starts[-1] - len(carry)
             picks = torch.randperm(n_new, generator=gen)[self.rank :: self.world_size]

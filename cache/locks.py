@@ -36,8 +36,8 @@ def _lock(path: Path, what: str) -> int:
             holder = _holder(fd)
             os.close(fd)
             raise UserError(
-                f"{path.parent} is in use by {holder}: one writer at a time; wait for it to "
-                f"finish or choose another directory for {what}"
+                f"{path.parent} is being written by {holder}; wait for it to finish or choose "
+                f"another directory for {what} (one writer at a time)"
             ) from None
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))

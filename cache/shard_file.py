@@ -12,6 +12,7 @@ file and returns tensors that view the map: rows are copied only when gathered.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -65,19 +66,48 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, chunk: memoryview | bytes) -> int:
+    """Write all of ``chunk`` to ``fd``, resuming after short writes; a write that makes no
+    progress is an ENOSPC error. Returns the byte count."""
+    view = memoryview(chunk).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.write(fd, view[done:])
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        done += n
+    return done
+
+
 def write_atomic(path: Path, chunks: list[memoryview | bytes]) -> None:
     """Write ``chunks`` to ``path`` via a temporary file, fsync and rename (then fsync the
-    directory)."""
+    directory).
+
+    The temporary file is created afresh (``O_CREAT | O_EXCL | O_NOFOLLOW``, after removing a
+    stale one), so a planted symlink is never followed, and the bytes on disk are counted
+    against the bytes meant: a short write is an error and the file is never renamed in.
+    """
     tmp = path.with_name(path.name + ".tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    created = False
     try:
-        with open(tmp, "wb", buffering=0) as fh:
-            for chunk in chunks:
-                fh.write(chunk)
-            os.fsync(fh.fileno())
+        tmp.unlink(missing_ok=True)  # a stale one from a killed run (or a planted link)
+        fd = os.open(tmp, flags, 0o644)
+        created = True
+        try:
+            expected = sum(_write_all(fd, chunk) for chunk in chunks)
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        if size != expected:
+            raise OSError(errno.EIO, f"short write: {size} of {expected} bytes on disk")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         if e.errno == errno.ENOSPC:
             raise UserError(
                 f"disk full while writing {path}; free space and rerun to resume"

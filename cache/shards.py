@@ -6,7 +6,8 @@ row, the token id (``tokens``), the document index (``doc``), the position in it
 sequence (``pos``) and the sequence index (``seq``), all int32. A shard is streamed
 to a temporary name, fsynced and renamed (``shard_file.py``), and only then added to
 the manifest (itself replaced atomically), so a crash loses at most the shard in
-flight and a rerun resumes from the manifest's ``cursor``.
+flight and a rerun resumes from the manifest's ``cursor``. Manifests are checked on
+reading (fields, types, shard names that are plain names inside the cache).
 
 The manifest's ``stats`` hold running sums over the listed shards (row count,
 per-dimension sum, sum of squared norms, float64), so the mean and the mean
@@ -36,6 +37,54 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
+def plain_name(name: object) -> bool:
+    """Whether ``name`` is a plain file name in its directory: no separator, not ``.``/``..``."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )
+
+
+def _check_manifest(path: Path, manifest: object) -> dict:
+    """``manifest`` if it has the manifest's fields and types; a UserError naming the first
+    that is wrong otherwise. Shard file names must be plain names inside the cache."""
+
+    def bad(why: str) -> UserError:
+        return UserError(f"{path} is not a valid cache manifest ({why}); rebuild the cache")
+
+    if not isinstance(manifest, dict):
+        raise bad(f"a JSON {type(manifest).__name__}, not an object")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{path} has format version {manifest.get('format_version')!r}; "
+            f"this flashsae reads version {FORMAT_VERSION}"
+        )
+    fields = {
+        "settings": dict,
+        "complete": bool,
+        "total_rows": int,
+        "cursor": list,
+        "shards": list,
+        "stats": dict,
+    }
+    for name, kind in fields.items():
+        if not isinstance(manifest.get(name), kind):
+            raise bad(f"no {kind.__name__} {name!r}")
+    for i, entry in enumerate(manifest["shards"]):
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("rows"), int)
+            and isinstance(entry.get("sha256"), str)
+        ):
+            raise bad(f"shard entry {i} lacks file, rows or sha256")
+        if not plain_name(entry.get("file")):
+            raise bad(f"shard entry {i} names {entry.get('file')!r}, not a file in the cache")
+    return manifest
+
+
 def read_manifest(folder: Path) -> dict:
     """The manifest of the cache in ``folder``; a UserError if missing, malformed or too new."""
     path = Path(folder) / "manifest.json"
@@ -43,14 +92,11 @@ def read_manifest(folder: Path) -> dict:
         raise UserError(f"{folder} is not an activation cache (no manifest.json)")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}); rebuild the cache") from e
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(
-            f"{path} has format version {manifest.get('format_version')!r}; "
-            f"this flashsae reads version {FORMAT_VERSION}"
-        )
-    return manifest
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from e
+    return _check_manifest(path, manifest)
 
 
 class ShardWriter:
@@ -68,7 +114,8 @@ class ShardWriter:
         self.folder = Path(folder)
         self.sites: list[str] = list(settings["sites"])
         self.d: int = settings["d"]
-        self.dtype = DTYPES[settings["dtype"]]
+        self.dtype_name: str = settings["dtype"]
+        self.dtype = DTYPES[self.dtype_name]
         self.rows_per_shard = rows_per_shard
         self._start_shard()
         settings = {**settings, "rows_per_shard": rows_per_shard}
@@ -130,7 +177,8 @@ class ShardWriter:
         ``stats[site]`` may give ``row_stats`` of the rows before any cast (as the capture
         kernel computes them) when they fit in ``room``; otherwise they are computed here.
         Rows already on the CPU in the storage dtype are kept, not copied, until their shard
-        is on disk: do not modify them after handing them in.
+        is on disk: do not modify them after handing them in. Rows that are not finite after
+        the cast to the storage dtype (float16 overflows past 65504) are a UserError.
         """
         n = len(meta["seq"])
         start = 0
@@ -144,7 +192,13 @@ class ShardWriter:
                     self.pending[site][0] + total.cpu(),
                     self.pending[site][1] + sq.cpu(),
                 )
-                self.buffer[site].append(rows.to("cpu", self.dtype))
+                cast = rows.to("cpu", self.dtype)
+                if not all_finite(cast):  # NaN in, or beyond float16's range
+                    raise UserError(
+                        f"non-finite activations (NaN/inf) at {site} after the cast to "
+                        f"{self.dtype_name}; check the model, or use --dtype float32"
+                    )
+                self.buffer[site].append(cast)
             for name in META:
                 self.buffer[name].append(meta[name][part].to("cpu", torch.int32))
             self.buffered += take
@@ -163,6 +217,17 @@ class ShardWriter:
         self.manifest["complete"] = True
         self._save_manifest()
         return self.manifest
+
+    def replace_shard(self, i: int, parts: dict[str, list[torch.Tensor]]) -> None:
+        """Rewrite listed shard ``i`` from ``parts`` (``{name: [tensors]}`` for every site and
+        META; rows in the storage dtype), to repair it in place; the statistics stay those of
+        the first write. Only before the first ``add``."""
+        assert self.thread is None, "replace_shard runs before any shard is queued"
+        entry = self.manifest["shards"][i]
+        if sum(len(p) for p in parts["seq"]) != entry["rows"]:
+            raise UserError(f"rebuilt {entry['file']} does not hold {entry['rows']} rows")
+        entry["sha256"] = write_shard(self.folder / entry["file"], parts)
+        self._save_manifest()
 
     def _flush(self) -> None:
         self._raise_writer_error()
@@ -234,17 +299,69 @@ def open_cache(folder: Path, site: str | None = None) -> dict:
     return manifest
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of ``x`` is finite, from its max and min (NaN propagates through
+    both, +inf shows in the max, -inf in the min): faster than ``isfinite(x).all()``."""
+    return not x.numel() or bool(torch.isfinite(x.amax()) and torch.isfinite(x.amin()))
+
+
+def _nonfinite(path: Path, site: str, x: torch.Tensor) -> UserError | None:
+    """A UserError naming the shard and row if ``x`` holds a NaN or inf."""
+    if all_finite(x):
+        return None
+    for start in range(0, len(x), 8192):
+        block = x[start : start + 8192]
+        if not torch.isfinite(block).all():
+            row = start + int((~torch.isfinite(block)).any(1).nonzero()[0, 0])
+            return UserError(
+                f"{path} holds non-finite values (NaN/inf) at {site}, row {row}; "
+                "rebuild the cache (in float32 or bfloat16 if float16 overflowed)"
+            )
+    return None
+
+
+def damaged_shards(folder: Path, manifest: dict, verify: bool = False) -> dict[int, str]:
+    """``{index: reason}`` for each listed shard that fails ``check_shard``."""
+    bad = {}
+    for i, entry in enumerate(manifest["shards"]):
+        try:
+            check_shard(folder, entry, manifest["settings"]["sites"], verify)
+        except UserError as e:
+            bad[i] = str(e)
+    return bad
+
+
 def load_shard(folder: Path, entry: dict, site: str, verify: bool = False) -> torch.Tensor:
     """One shard's ``[rows, d]`` activations for ``site``, memory-mapped (rows are read when
-    used); checks the file's layout and row count, and its checksum if asked."""
+    used); checks the file's layout and row count, and if ``verify`` its checksum and that
+    every value of ``site`` is finite (a UserError naming the shard otherwise)."""
+    return check_shard(folder, entry, [site], verify)[site]
+
+
+def check_shard(
+    folder: Path, entry: dict, sites: list[str], verify: bool = False
+) -> dict[str, torch.Tensor]:
+    """The memory-mapped ``[rows, d]`` activations of each of ``sites`` in one shard.
+
+    A UserError naming the shard unless it is on disk with the layout and row count of
+    ``entry`` for every site (a size check: the header is checked against the file size);
+    with ``verify`` also unless its sha256 matches and every value of ``sites`` is finite.
+    """
     path = Path(folder) / entry["file"]
-    try:
-        corrupt = verify and file_sha256(path) != entry["sha256"]
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}; rebuild the cache") from e
-    if corrupt:
-        raise UserError(f"{path} is corrupt (checksum mismatch); rebuild the cache")
-    x = map_shard(path).get(site)
-    if x is None or x.shape[0] != entry["rows"]:
-        raise UserError(f"{path} lacks {entry['rows']} rows of {site}; rebuild the cache")
-    return x
+    if verify:
+        try:
+            corrupt = file_sha256(path) != entry["sha256"]
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror}; rebuild the cache") from e
+        if corrupt:
+            raise UserError(f"{path} is corrupt (checksum mismatch); rebuild the cache")
+    tensors = map_shard(path)
+    out = {}
+    for site in sites:
+        x = tensors.get(site)
+        if x is None or x.shape[0] != entry["rows"]:
+            raise UserError(f"{path} lacks {entry['rows']} rows of {site}; rebuild the cache")
+        if verify and (error := _nonfinite(path, site, x)) is not None:
+            raise error
+        out[site] = x
+    return out

@@ -22,6 +22,7 @@ import torch
 
 from .errors import UserError
 from .models.bytelm import split_files
+from .paths import files_digest, hub_offline, looks_like_path
 
 SAVED_DATASET_FILES = ("dataset_dict.json", "state.json")  # what save_to_disk leaves
 
@@ -59,17 +60,36 @@ def documents(
                 if not line.strip():
                     continue
                 try:
-                    yield json.loads(line)[text_field]
+                    text = json.loads(line)[text_field]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise UserError(
                         f"{path}:{i} is not a JSON object with a {text_field!r} field"
                     ) from e
+                if not isinstance(text, str):
+                    raise UserError(
+                        f"{path}:{i}: the {text_field!r} field is {json.dumps(text)[:40]}, "
+                        "not a string"
+                    )
+                yield text
     elif path.is_file():
         yield path.read_text(errors="replace")
-    elif str(source).startswith((".", "/", "~")):
-        raise UserError(f"--text {source} does not exist")
+    elif looks_like_path(str(source)):
+        raise UserError(f"--text {source}: no such file or directory (it does not exist)")
     else:
         yield from _hf_dataset(source, text_field)
+
+
+def source_digest(source: str | None) -> str | None:
+    """A digest of the local text source's files (``paths.files_digest``: contents, or sizes
+    and modification times past a size limit); None for the stdlib and Hub datasets."""
+    if source is None:
+        return None
+    path = Path(source).expanduser()
+    if path.is_file():
+        return files_digest([path], path.parent)
+    if path.is_dir():
+        return files_digest(sorted(p for p in path.rglob("*") if p.is_file()), path)
+    return None
 
 
 def _hf_dataset(source: str, text_field: str, saved: bool = False) -> Iterator[str]:
@@ -97,6 +117,11 @@ def _hf_dataset(source: str, text_field: str, saved: bool = False) -> Iterator[s
                 raise UserError(f"dataset {source} has no {text_field!r} field ({fields})")
             yield record[text_field]
     except (OSError, ValueError, ConnectionError) as e:
+        if hub_offline() and not saved:
+            raise UserError(
+                f"cannot read dataset {source!r}: no such file or directory, and it is not in "
+                "the local Hugging Face cache (HF_HUB_OFFLINE is set: the Hub was not asked)"
+            ) from e
         raise UserError(f"cannot read dataset {source!r}: {e}") from e
 
 

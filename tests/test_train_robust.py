@@ -139,6 +139,22 @@ def test_item1_a_run_on_nan_rows_with_valid_checksums_saves_nothing(tmp_path, ca
     assert not out.exists()
 
 
+def test_item1_a_corrupt_shard_stops_training_unless_no_verify(tmp_path, capsys):
+    """A flipped byte (finite value, stale checksum): refused with the shard named; with
+    --no-verify the loader trusts the bytes and the run goes through."""
+    cache = write_cache(tmp_path / "cache", random_rows())
+    shard = cache / json.loads((cache / "manifest.json").read_text())["shards"][1]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-7] ^= 0x01  # a low mantissa bit of the last row: still finite
+    shard.write_bytes(data)
+    args = [*FAST, "--cache", str(cache), "--allow-other-model"]
+    assert train_main([*args, "--out", str(tmp_path / "a")]) == 2
+    assert shard.name in last_error(capsys)
+    assert not (tmp_path / "a" / "metrics.json").exists()
+    assert train_main([*args, "--no-verify", "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "metrics.json").exists()
+
+
 # 2: one writer per run directory
 
 

@@ -215,8 +215,9 @@ def _train(data: RunData, out: Path, name: str) -> dict:
     logger = RunLogger(out, json.loads(cfg.to_json()), name)
     try:
         loader = ActivationLoader(
-            data.cache, cfg.site, cfg.batch_size, seed=cfg.seed, device=data.device
-        )
+            data.cache, cfg.site, cfg.batch_size, seed=cfg.seed, device=data.device,
+            verify=cfg.verify,
+        )  # fmt: skip
         train_cfg = train_config(cfg, data.device)
         summary = train_sae(sae, loader, train_cfg, logger, out / "train_state.pt")
         sae.eval()

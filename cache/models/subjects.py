@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..hooks import resolve_site
+from ..paths import files_digest, hub_offline, looks_like_path
 from ..text import Packed, documents, pack
 from .bytelm import BOS, ByteLM, ByteLMConfig, load_bytelm
 
@@ -67,6 +68,8 @@ class Subject:
         """Sequences holding at least ``tokens`` tokens after BOS, from ``text`` (default: the
         stdlib files of ``split``; records' ``text_field`` for JSONL and datasets); "val"
         sequences are evenly spaced over the whole source."""
+        if seq_len < 2:
+            raise UserError(f"--seq-len must be at least 2 (BOS and one token), not {seq_len}")
         docs = documents(text, split, seed if split == "train" else None, text_field)
         n_seqs = -(-tokens // (seq_len - 1))
         return pack(
@@ -132,10 +135,31 @@ def pick_device(name: str) -> str:
     return name
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+def weights_digest(folder: Path) -> str:
+    """A digest of a local model folder's weight files and config (``paths.files_digest``:
+    contents up to a size limit, else sizes and modification times)."""
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name == "config.json")
+    )
+    return files_digest(files, folder)
+
+
 def hf_subject(name: str) -> HFSubject:
-    looks_like_path = name.startswith((".", "/", "~")) or Path(name).exists()
-    if looks_like_path and not Path(name).expanduser().exists():
-        raise UserError(f"model path {name} does not exist")
+    """A Hugging Face model by Hub id or local folder. Its key names it and its revision (Hub)
+    or a digest of its weight files (local), so a changed checkpoint gets a new cache."""
+    local = Path(name).expanduser()
+    missing = UserError(
+        f"--model {name}: no such file or directory, and not a bundled model "
+        f"({', '.join(BYTELM_PRESETS)})"
+    )
+    if not local.exists() and looks_like_path(name):
+        raise missing
+    is_local = local.exists()
     try:
         from transformers import AutoConfig
     except ImportError as e:
@@ -143,16 +167,22 @@ def hf_subject(name: str) -> HFSubject:
             f"model {name!r} is not bundled; Hugging Face models need the hf extra: "
             "pip install -e '.[hf]'"
         ) from e
-    source = str(Path(name).expanduser()) if looks_like_path else name
+    source = str(local) if is_local else name
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
+        if hub_offline() and not is_local:
+            raise UserError(
+                f"{missing}; nor in the local Hugging Face cache (HF_HUB_OFFLINE is set: "
+                "the Hub was not asked)"
+            ) from e
         raise UserError(
             f"cannot load model {name!r} (bundled models: {', '.join(BYTELM_PRESETS)}): {e}"
         ) from e
-    key = (
-        "hf-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + f"-{getattr(config, '_commit_hash', None)}"
+    revision = (
+        "w" + weights_digest(local)[:16] if is_local else getattr(config, "_commit_hash", None)
     )
+    key = "hf-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + f"-{revision}"
     subject = HFSubject(source, key, config.hidden_size, config.num_hidden_layers, -1, config)
     tok = subject.tokenizer
     subject.bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id

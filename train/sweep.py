@@ -192,6 +192,8 @@ def run_sweep(cfgs: list[RunConfig], resume: bool = False) -> list[dict]:
         raise UserError(f"{out} already holds a sweep; continue it with --resume {out}")
     for d in dirs if not resume else ():
         check_run_dir(d, resume=False)
+    if resume and all((d / "metrics.json").exists() for d in dirs):
+        raise UserError(f"{out} already holds a finished sweep; choose another --out")
     existed = out.exists()
     try:
         with contextlib.ExitStack() as locks:

@@ -158,8 +158,23 @@ def _base_type(annotation: object) -> type:
     return annotation  # type: ignore[return-value]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per RunConfig field, with its type, default and help."""
+def _listable(base: type, choices: list[str] | None) -> typing.Callable[[str], object]:
+    """An argparse type: one value of ``base``, or a list of them for a comma list."""
+
+    def parse(text: str) -> object:
+        values = [base(v) for v in text.split(",")]
+        bad = [v for v in values if choices is not None and v not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad[0]!r} is not one of {', '.join(choices)}")
+        return values if len(values) > 1 else values[0]
+
+    parse.__name__ = base.__name__  # argparse names the type in its errors
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser, lists: typing.Collection[str] = ()) -> None:
+    """One ``--flag`` per RunConfig field, with its type, default and help. The fields named in
+    ``lists`` also take comma lists (``--k 16,32``), parsed as a list."""
     defaults = RunConfig()
     lam = ", ".join(
         f"{name} {cls.default_sparsity_coeff:g}"
@@ -180,13 +195,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f.metadata["help"]
         if f.name == "arch":
             extra["choices"] = list(SAE_CLASSES)
+            help_text += f" ({', '.join(SAE_CLASSES)})"
         if f.name == "dtype":
             extra["choices"] = list(DTYPES)
         if f.name == "sparsity_coeff":
             help_text = f"{help_text} ({lam})"
+        kind = _base_type(f.type)
+        if f.name in lists:
+            kind = _listable(kind, extra.pop("choices", None))
+            help_text += "; a comma list trains one SAE per value (a sweep)"
         parser.add_argument(
             f"--{_flag(f.name)}",
-            type=_base_type(f.type),
+            type=kind,
             default=getattr(defaults, f.name),
             help=help_text,
             **extra,

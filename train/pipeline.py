@@ -37,7 +37,7 @@ from .files import write_output
 from .metrics import METRIC_KEYS, metric_warnings
 from .plots import density_histogram
 from .sae import SAE, input_scale, make_sae
-from .trainer import TrainConfig, train_sae
+from .trainer import SAETraining, TrainConfig, train_many
 from .wandb_log import RunLogger
 
 
@@ -209,17 +209,50 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
 
 def _train(data: RunData, out: Path, name: str) -> dict:
     """``run``'s work in the locked run directory ``out``."""
-    cfg = replace(data.cfg, out=out)
-    sae = data.new_sae()
-    write_output(out / "config.json", cfg.to_json())
-    logger = RunLogger(out, json.loads(cfg.to_json()), name)
+    member = start_member(data, data.cfg, out, name)
     try:
-        loader = ActivationLoader(
-            data.cache, cfg.site, cfg.batch_size, seed=cfg.seed, device=data.device,
-            verify=cfg.verify,
-        )  # fmt: skip
+        summary = train_many([member], loader_of(data))[0]
+    except BaseException:
+        member.logger.abort()
+        raise
+    return finish_member(data, member, summary)
+
+
+def loader_of(data: RunData) -> ActivationLoader:
+    """The training batches of ``data`` (seeded by its ``seed``, of its ``batch_size``)."""
+    cfg = data.cfg
+    return ActivationLoader(
+        data.cache, cfg.site, cfg.batch_size, seed=cfg.seed, device=data.device,
+        verify=cfg.verify,
+    )  # fmt: skip
+
+
+def start_member(
+    data: RunData, cfg: RunConfig, out: Path, name: str, group: str | None = None
+) -> SAETraining:
+    """A fresh SAE of ``cfg`` for ``data`` (torch's RNG seeded with ``cfg.seed`` first, so its
+    weights depend on nothing else), its ``config.json`` in ``out`` and its logger (W&B run
+    ``name`` in ``group``): the loop state that training (or resuming from
+    ``out/train_state.pt``) steps."""
+    cfg = replace(cfg, out=out)
+    torch.manual_seed(cfg.seed)
+    sae = data.new_sae(cfg)
+    write_output(out / "config.json", cfg.to_json())
+    logger = RunLogger(out, json.loads(cfg.to_json()), name, group=group)
+    try:
         train_cfg = train_config(cfg, data.device)
-        summary = train_sae(sae, loader, train_cfg, logger, out / "train_state.pt")
+        return SAETraining(sae, train_cfg, logger, out / "train_state.pt")
+    except BaseException:
+        logger.abort()
+        raise
+
+
+def finish_member(data: RunData, member: SAETraining, summary: dict) -> dict:
+    """Evaluate the trained SAE of ``member`` and write ``sae.safetensors``, ``cfg.json``,
+    ``density.png`` and, last, ``metrics.json`` to its run directory; log them; the metrics."""
+    sae, logger, train_cfg = member.sae, member.logger, member.cfg
+    out = member.state_path.parent
+    try:
         sae.eval()
         results, freqs = evaluate(sae, data.model, data.eval_sequences())
         warnings = metric_warnings(results)
@@ -237,7 +270,7 @@ def _train(data: RunData, out: Path, name: str) -> dict:
     logger.log_histogram("sparsity/log10_firing_freq", freqs.clamp_min(1e-10).log10().numpy(), step)
     logger.summary(metrics)
     files = [out / "sae.safetensors", out / "cfg.json", out / "metrics.json"]
-    logger.log_artifact(f"sae-{cfg.arch}", files)
+    logger.log_artifact(f"sae-{sae.cfg.arch}", files)
     logger.finish()
     print(json.dumps(metrics, indent=2))
     print(f"run saved to {out}")

@@ -128,6 +128,155 @@ def load_state(path: Path, sae: SAE, opt: torch.optim.Optimizer) -> tuple[int, t
     return step, last_fired
 
 
+class SAETraining:
+    """The loop state of one SAE: optimizer, dead-latent counters, "first bad step", checkpoint,
+    logger. ``train_many`` drives several of them from one stream of batches (a sweep), each
+    exactly as ``train_sae`` drives one: a member's weights depend only on its own settings,
+    seed and the batches, never on the other members.
+
+    With ``state_path``, training resumes from it when it exists (``first`` is then the step it
+    holds) and saves to it every ``cfg.checkpoint_every`` steps.
+    """
+
+    def __init__(
+        self, sae: SAE, cfg: TrainConfig, logger: RunLogger, state_path: Path | None = None
+    ) -> None:
+        self.sae, self.cfg, self.logger, self.state_path = sae, cfg, logger, state_path
+        self.device = device = sae.W_dec.device
+        self.steps = steps = cfg.tokens // cfg.batch_size
+        self.opt = torch.optim.Adam(
+            sae.parameters(), lr=cfg.lr, betas=sae.adam_betas, fused=device.type == "cuda"
+        )
+        self.first = 0
+        self.last_fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=device)
+        sae.dead_budget = 0  # no latent is dead before the first step
+        self.saved: int | None = None  # the step of the state in state_path
+        if state_path is not None and state_path.exists():
+            self.first, self.last_fired = load_state(state_path, sae, self.opt)
+            if not 0 <= self.first <= steps:
+                raise UserError(
+                    f"{state_path} is at step {self.first}, outside this run's {steps} steps"
+                )
+            self.saved = self.first
+            print(f"resuming from {state_path} at step {self.first} of {steps}")
+        self.first_bad = torch.full((), steps, dtype=torch.long, device=device)  # none yet
+        self.start = self.t_log = time.time()
+        self.step_log = self.first
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLoss if a step so far had a non-finite loss (a host sync)."""
+        bad = int(self.first_bad)
+        if bad < self.steps:
+            kept = (
+                f"{self.state_path} keeps step {self.saved}"
+                if self.saved is not None
+                else "no checkpoint was saved"
+            )
+            raise NonFiniteLoss(
+                f"training stopped: non-finite loss or gradient (NaN/inf) at step {bad} of "
+                f"{self.steps}; {kept}; check the activations (python -m flashsae.cache verify) "
+                "and --lr"
+            )
+
+    def save(self, step: int) -> None:
+        self.check_finite()
+        save_state(self.state_path, step, self.sae, self.opt, self.last_fired)
+        self.saved = step
+
+    def step(self, batch: torch.Tensor, step: int) -> dict | None:
+        """Training step ``step`` on ``batch`` (raw activations on the SAE's device; read, not
+        modified), then the checkpoint and log of that step when due; the logged record on
+        logging steps."""
+        sae, cfg, opt = self.sae, self.cfg, self.opt
+        seen = step * cfg.batch_size
+        dead = dead_latents(self.last_fired, seen, cfg.dead_window)
+        x = batch.float() * sae.cfg.input_scale
+        lr = lr_at(step, self.steps, cfg.lr, sae.lr_decay_frac)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast(self.device, cfg.dtype):
+            loss, parts, fired = sae.training_loss(x, dead, step / self.steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.before_step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), sae.grad_clip or float("inf"))
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        self.first_bad = torch.where(finite, self.first_bad, self.first_bad.clamp(max=step))
+        opt.step()
+        sae.after_step()
+        self.last_fired.masked_fill_(fired, seen + cfg.batch_size)
+        done = step + 1
+        if (
+            self.state_path is not None
+            and cfg.checkpoint_every
+            and done % cfg.checkpoint_every == 0
+        ):
+            self.save(done)
+        if step % cfg.log_every == 0 or done == self.steps:  # the only host syncs of the loop
+            self.check_finite()
+            last = dead_latents(self.last_fired, done * cfg.batch_size, cfg.dead_window)
+            sae.dead_budget = aux_budget(int(last.sum()))
+            now = time.time()
+            tokens = (done - self.step_log) * cfg.batch_size
+            record = {
+                "losses/loss": loss.item(),
+                **{f"losses/{k}": v.item() for k, v in parts.items()},
+                "sparsity/dead_frac": dead.float().mean().item(),
+                "details/lr": lr,
+                "details/sparsity_coeff": sae.cfg.sparsity_coeff,
+                "details/grad_norm": grad_norm.item(),
+                "details/tokens": done * cfg.batch_size,
+                "perf/tokens_per_s": tokens / max(now - self.t_log, 1e-9),
+                "perf/step_ms": 1000 * (now - self.t_log) / max(done - self.step_log, 1),
+            }
+            if self.device.type == "cuda":
+                record["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.t_log, self.step_log = now, done
+            self.logger.log(record, step=done * cfg.batch_size)
+            return record
+        return None
+
+    def finish(self) -> dict[str, float]:
+        """After the last step: the final check and save; the summary."""
+        self.check_finite()
+        if self.state_path is not None:
+            self.save(self.steps)
+        return {
+            "tokens": self.steps * self.cfg.batch_size,
+            "train_seconds": time.time() - self.start,
+        }
+
+
+def train_many(members: list[SAETraining], loader: ActivationLoader) -> list[dict[str, float]]:
+    """Step every member from one pass of ``loader``: each batch is read and copied to the
+    device once, and every member whose steps include it trains on it (members resumed at
+    different steps start from the earliest; the others join at their own). All members must
+    have the loader's batch size. Returns their summaries; ``train_seconds`` is then the wall
+    time of the shared loop, so it counts every member's steps.
+    """
+    size = members[0].cfg.batch_size
+    if any(m.cfg.batch_size != size for m in members):
+        raise ValueError("the members of one pass must share the batch size")
+    first, last = min(m.first for m in members), max(m.steps for m in members)
+    batches = loader.batches(start=first)
+    bar = tqdm(
+        total=last * size, initial=first * size, desc="training SAE", unit="tok", unit_scale=True
+    )
+    try:
+        for step in range(first, last):
+            batch = next(batches)
+            for m in members:
+                if m.first <= step < m.steps:
+                    record = m.step(batch, step)
+                    if record and len(members) == 1:
+                        loss, dead = record["losses/loss"], record["sparsity/dead_frac"]
+                        bar.set_postfix(loss=f"{loss:.4f}", dead=f"{dead:.3f}")
+            bar.update(size)
+    finally:
+        bar.close()
+    return [m.finish() for m in members]
+
+
 def train_sae(
     sae: SAE,
     loader: ActivationLoader,
@@ -140,106 +289,4 @@ def train_sae(
     With ``state_path``, training resumes from it when it exists and saves to it
     every ``cfg.checkpoint_every`` steps.
     """
-    device = sae.W_dec.device
-    steps = cfg.tokens // cfg.batch_size
-    opt = torch.optim.Adam(
-        sae.parameters(), lr=cfg.lr, betas=sae.adam_betas, fused=device.type == "cuda"
-    )
-    first, last_fired = 0, torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=device)
-    sae.dead_budget = 0  # no latent is dead before the first step
-    saved = None  # the step of the state in state_path
-    if state_path is not None and state_path.exists():
-        first, last_fired = load_state(state_path, sae, opt)
-        if not 0 <= first <= steps:
-            raise UserError(f"{state_path} is at step {first}, outside this run's {steps} steps")
-        saved = first
-        print(f"resuming from {state_path} at step {first} of {steps}")
-    first_bad = torch.full((), steps, dtype=torch.long, device=device)  # steps: none yet
-
-    def check_finite() -> None:
-        """Raise NonFiniteLoss if a step so far had a non-finite loss (a host sync)."""
-        bad = int(first_bad)
-        if bad < steps:
-            kept = (
-                f"{state_path} keeps step {saved}"
-                if saved is not None
-                else "no checkpoint was saved"
-            )
-            raise NonFiniteLoss(
-                f"training stopped: non-finite loss or gradient (NaN/inf) at step {bad} of "
-                f"{steps}; {kept}; check the activations (python -m flashsae.cache verify) "
-                "and --lr"
-            )
-
-    def save(step: int) -> None:
-        nonlocal saved
-        check_finite()
-        save_state(state_path, step, sae, opt, last_fired)
-        saved = step
-
-    batches = loader.batches(start=first)
-    scale = sae.cfg.input_scale
-    start, t_log, step_log = time.time(), time.time(), first
-    bar = tqdm(
-        total=steps * cfg.batch_size,
-        initial=first * cfg.batch_size,
-        desc="training SAE",
-        unit="tok",
-        unit_scale=True,
-    )
-    try:
-        for step in range(first, steps):
-            seen = step * cfg.batch_size
-            dead = dead_latents(last_fired, seen, cfg.dead_window)
-            x = next(batches).float() * scale
-            lr = lr_at(step, steps, cfg.lr, sae.lr_decay_frac)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with autocast(device, cfg.dtype):
-                loss, parts, fired = sae.training_loss(x, dead, step / steps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.before_step()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                sae.parameters(), sae.grad_clip or float("inf")
-            )
-            finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-            first_bad = torch.where(finite, first_bad, first_bad.clamp(max=step))
-            opt.step()
-            sae.after_step()
-            last_fired.masked_fill_(fired, seen + cfg.batch_size)
-            bar.update(cfg.batch_size)
-            done = step + 1
-            if state_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-                save(done)
-            if step % cfg.log_every == 0 or done == steps:  # the only host syncs of the loop
-                check_finite()
-                n_dead = int(dead_latents(last_fired, done * cfg.batch_size, cfg.dead_window).sum())
-                sae.dead_budget = aux_budget(n_dead)
-                now = time.time()
-                record = {
-                    "losses/loss": loss.item(),
-                    **{f"losses/{k}": v.item() for k, v in parts.items()},
-                    "sparsity/dead_frac": dead.float().mean().item(),
-                    "details/lr": lr,
-                    "details/sparsity_coeff": sae.cfg.sparsity_coeff,
-                    "details/grad_norm": grad_norm.item(),
-                    "details/tokens": done * cfg.batch_size,
-                    "perf/tokens_per_s": (done - step_log)
-                    * cfg.batch_size
-                    / max(now - t_log, 1e-9),
-                    "perf/step_ms": 1000 * (now - t_log) / max(done - step_log, 1),
-                }
-                if device.type == "cuda":
-                    record["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                t_log, step_log = now, done
-                bar.set_postfix(
-                    loss=f"{record['losses/loss']:.4f}", dead=f"{record['sparsity/dead_frac']:.3f}"
-                )
-                logger.log(record, step=done * cfg.batch_size)
-    finally:
-        bar.close()
-    check_finite()
-    if state_path is not None:
-        save(steps)
-    return {"tokens": steps * cfg.batch_size, "train_seconds": time.time() - start}
+    return train_many([SAETraining(sae, cfg, logger, state_path)], loader)[0]

@@ -52,8 +52,9 @@ def wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or ("online" if has_api_key() else "offline")
 
 
-def _init(out: Path, name: str | None, config: dict | None) -> Run | None:
-    """Start (or, when ``out/wandb_run.json`` exists, resume) the run of ``out``."""
+def _init(out: Path, name: str | None, config: dict | None, group: str | None = None) -> Run | None:
+    """Start (or, when ``out/wandb_run.json`` exists, resume) the run of ``out``, in W&B
+    ``group`` when given (the runs of one sweep)."""
     mode = wandb_mode()
     if mode == "disabled":
         return None
@@ -64,6 +65,7 @@ def _init(out: Path, name: str | None, config: dict | None) -> Run | None:
         resume="allow" if saved else None,
         name=name,
         config=config,
+        group=group,
         dir=str(out),
         mode=mode,
     )
@@ -91,10 +93,10 @@ class NullLogger:
 class RunLogger:
     """Logs dicts of scalars to W&B and appends them to ``out/metrics.jsonl``."""
 
-    def __init__(self, out: Path, config: dict, name: str) -> None:
+    def __init__(self, out: Path, config: dict, name: str, group: str | None = None) -> None:
         self.out = Path(out)
         self.mirror = open_output(self.out / "metrics.jsonl", "a")  # closed in finish()
-        self.run = _init(self.out, name, config)
+        self.run = _init(self.out, name, config, group)
 
     def log(self, record: dict, step: int) -> None:
         self.mirror.write(json.dumps({"step": step, **record}) + "\n")

@@ -225,6 +225,7 @@ def test_train_cli_on_a_local_hf_model(tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 0 < metrics["fvu"] < 1 and metrics["l0"] <= 8
+    assert metrics["ce_loss_recovered"] is not None and metrics["kl"] > 0  # through its head
     bad = run_cli(
         "flashsae.train", *args[:2], "--seq-len", "64", "--site", "blocks.5.hook_resid_post"
     )

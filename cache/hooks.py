@@ -18,24 +18,52 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .errors import UserError
-from .models.hf_layouts import hf_layout
+from .models.hf_layouts import HOOKS, hf_layout
 
-SITE_PATTERN = re.compile(r"blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)")
+SITE_PATTERN = re.compile(rf"blocks\.(\d+)\.hook_({'|'.join(HOOKS)})")
 
 
 class _StopForward(Exception):
     """Raised by the last hook to end the forward pass early."""
 
 
+class _Handles:
+    """Several hook handles removed together."""
+
+    def __init__(self, *handles: RemovableHandle) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 @dataclass
 class SitePoint:
-    """Where a site's tensor lives: the output of ``module``, or its first input."""
+    """Where a site's tensor lives: the output of ``module``, or its first input. When
+    ``rows_of`` is set, ``module`` sees the tokens flattened to ``[B*T, d]`` rows (OPT's MLP),
+    and ``fn`` gets (and returns) them as ``[B, T, d]``, the shape of ``rows_of``'s input."""
 
     module: nn.Module
     kind: str = "output"  # or "input"
+    rows_of: nn.Module | None = None
 
-    def hook(self, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> RemovableHandle:
+    def hook(self, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> _Handles:
         """Call ``fn(h)`` on the site's tensor h; a returned tensor replaces h."""
+        extra = []
+        if self.rows_of is not None:
+            shape: list[torch.Size] = []
+
+            def on_block(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                h = args[0] if args else kwargs["hidden_states"]
+                shape[:] = [h.shape]
+
+            def unflat(h: torch.Tensor, inner: Callable = fn) -> torch.Tensor | None:
+                new = inner(h.view(shape[0]))
+                return None if new is None else new.reshape(h.shape)
+
+            extra.append(self.rows_of.register_forward_pre_hook(on_block, with_kwargs=True))
+            fn = unflat
         if self.kind == "output":
 
             def on_output(module: nn.Module, args: tuple, out: object) -> object:
@@ -45,7 +73,7 @@ class SitePoint:
                     return None
                 return (new, *out[1:]) if isinstance(out, tuple) else new
 
-            return self.module.register_forward_hook(on_output)
+            return _Handles(*extra, self.module.register_forward_hook(on_output))
 
         def on_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
             new = fn(args[0] if args else kwargs["hidden_states"])
@@ -55,31 +83,55 @@ class SitePoint:
                 return (new, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": new}
 
-        return self.module.register_forward_pre_hook(on_input, with_kwargs=True)
+        return _Handles(*extra, self.module.register_forward_pre_hook(on_input, with_kwargs=True))
+
+
+def block_lists(model: nn.Module) -> list[tuple[str, int]]:
+    """``(path, length)`` of each ModuleList in ``model`` whose entries are all of one class
+    (the transformer blocks, among others), outermost first."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1:
+                found.append((name, len(module)))
+    return found
+
+
+def _module_candidates(model: nn.Module, site: str) -> list[str]:
+    """``site`` as a module path, with or without the base model's prefix (``bert.``), so a
+    path works whether the checkpoint was loaded with its head or as the bare base model."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or getattr(model, "base_model", model) is model:
+        return [site, site.removeprefix(f"{prefix}.")] if prefix else [site]
+    return [site, f"{prefix}.{site}"]
 
 
 def resolve_site(model: nn.Module, site: str) -> SitePoint:
     """Where ``site`` is in ``model``: a module path, or a TransformerLens name mapped through
-    the model's Hugging Face layout; a UserError listing the valid names otherwise."""
+    the model's Hugging Face layout; a UserError listing the valid names and the model's block
+    modules otherwise."""
     modules = dict(model.named_modules())
-    if site in modules:
-        return SitePoint(modules[site])
+    for path in _module_candidates(model, site):
+        if path in modules:
+            return SitePoint(modules[path])
     layout = hf_layout(model)
     match = SITE_PATTERN.fullmatch(site)
     if layout is not None and match:
         return SitePoint(*layout.locate(model, int(match.group(1)), match.group(2)))
-    n_layers = (
-        layout.n_layers(model)
-        if layout
-        else sum(1 for name in modules if re.fullmatch(r"blocks\.\d+", name))
-    )
-    hint = (
-        f"blocks.{{0..{n_layers - 1}}}.hook_{{resid_pre,resid_mid,resid_post,attn_out,mlp_out}}"
-        " or a module path"
-        if n_layers
-        else "module paths from model.named_modules()"
-    )
-    raise UserError(f"unknown site {site!r}; this model's sites are {hint}")
+    hints = []
+    if layout is not None:
+        hooks = ",".join(layout.hooks())
+        hints.append(f"blocks.{{0..{layout.n_layers(model) - 1}}}.hook_{{{hooks}}}")
+    elif "blocks.0.hook_resid_post" in modules:  # the bundled model: every site is a module
+        n_layers = sum(1 for name in modules if re.fullmatch(r"blocks\.\d+", name))
+        hints.append(
+            f"blocks.{{0..{n_layers - 1}}}.hook_{{resid_pre,resid_mid,resid_post,attn_out,mlp_out}}"
+        )
+    lists = [f"{path}.{{0..{n - 1}}}" for path, n in block_lists(model) if path]
+    if lists:
+        hints.append("module paths such as " + ", ".join(lists[:4]))
+    hints.append("any name from model.named_modules()")
+    raise UserError(f"unknown site {site!r}; this model's sites are " + "; ".join(hints))
 
 
 @contextmanager

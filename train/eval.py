@@ -23,11 +23,11 @@ from flashsae.cache.errors import UserError, report_errors
 from flashsae.cache.hooks import capture, splice
 from flashsae.cache.loader import ActivationLoader
 from flashsae.cache.locks import exclusive_lock
-from flashsae.cache.models.subjects import Subject, get_subject, pick_device
+from flashsae.cache.models.subjects import Subject, get_subject, no_lm_reason, pick_device
 
 from .checkpoint import load_sae
 from .files import write_output
-from .metrics import METRIC_KEYS, ReconstructionStats, SpliceStats, metric_warnings
+from .metrics import LM_KEYS, METRIC_KEYS, ReconstructionStats, SpliceStats, metric_warnings
 from .sae import SAE
 
 
@@ -67,13 +67,16 @@ def evaluate(
     (or ``cache_batches`` of cached rows when given), multiplied by ``metric_scale``
     (default: the SAE's input scale), i.e. in the run's normalized units. The language
     model metrics splice x̂ (and zeros) in at the site. The first ``skip_first``
-    positions (BOS) are excluded everywhere and never spliced.
+    positions (BOS) are excluded everywhere and never spliced. A model without a causal-LM
+    head (``no_lm_reason``) gets CE, KL and Δ-LM of None, and the reason under
+    ``lm_metrics_skipped``.
     """
     site = sae.cfg.site
     m = sae.cfg.input_scale if metric_scale is None else metric_scale
     device = sae.W_dec.device
     rec = ReconstructionStats(sae.cfg.d, sae.cfg.n_latents)
     lm = SpliceStats()
+    no_lm = no_lm_reason(model)
     for x_raw in cache_batches or ():
         f, x_hat = reconstruct(sae, x_raw.to(device))
         rec.update(x_raw.float() * m, x_hat * m, f)
@@ -84,6 +87,8 @@ def evaluate(
         f, x_hat = reconstruct(sae, x_raw)
         if cache_batches is None:
             rec.update(x_raw * m, x_hat * m, f)
+        if no_lm:
+            continue
         logits = {"clean": logits_of(model, batch)}
         for name, new in (("sae", x_hat), ("zero", torch.zeros_like(x_hat))):
             with splice(model, site, partial(_replace_after, skip_first, new)):
@@ -92,6 +97,10 @@ def evaluate(
         mask = torch.zeros(batch.shape[0], batch.shape[1] - 1, dtype=torch.bool, device=device)
         mask[:, skip_first:] = True
         lm.update(batch[:, 1:], {k: v[:, :-1] for k, v in logits.items()}, mask)
+    if no_lm:
+        return {**rec.result(), **dict.fromkeys(LM_KEYS), "lm_metrics_skipped": no_lm}, (
+            rec.firing_frequencies()
+        )
     return {**rec.result(), **lm.result()}, rec.firing_frequencies()
 
 

@@ -16,6 +16,9 @@ CE loss recovered is a ratio with CE_zero - CE_clean below it: when zero-ablatin
 costs the model less than ``CE_GAP_MIN`` = 0.1 nats (an untrained model, a site the output
 barely depends on) the ratio is noise (a random model gives 2.12). It is still reported, with
 a warning from ``metric_warnings``; it is None when the gap is exactly 0.
+
+A model without a causal-LM head (an encoder checkpoint, loaded as its base model) has no
+next-token metrics: CE, KL and Δ-LM are None, and ``metric_warnings`` gives the reason.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ METRIC_KEYS = (
     "l0 fvu explained_variance mse cosine l2_ratio gamma dead_frac dense_frac "
     "ce_loss_recovered delta_lm_loss kl"
 ).split()  # the keys of metrics.json and eval.json
+# what SpliceStats.result gives; all None (with a reason) for a model without a causal-LM head
+LM_KEYS = ("ce_clean", "ce_sae", "ce_zero", "ce_loss_recovered", "delta_lm_loss", "kl")
 
 
 class ReconstructionStats:
@@ -123,8 +128,11 @@ class SpliceStats:
 
 
 def metric_warnings(results: dict) -> list[str]:
-    """Why some of ``results`` (``SpliceStats.result`` keys) should not be trusted: CE loss
-    recovered when CE_zero - CE_clean < ``CE_GAP_MIN``."""
+    """Why some of ``results`` (``SpliceStats.result`` keys) are missing or should not be
+    trusted: the next-token metrics are None (``lm_metrics_skipped`` says why), or CE loss
+    recovered has CE_zero - CE_clean < ``CE_GAP_MIN``."""
+    if results.get("lm_metrics_skipped"):
+        return [f"CE loss recovered, Δ-LM loss and KL are null: {results['lm_metrics_skipped']}"]
     gap = results["ce_zero"] - results["ce_clean"]
     if gap >= CE_GAP_MIN:
         return []

@@ -1,9 +1,11 @@
 """Subject models (the models whose activations are captured) and their token streams.
 
 ``bytelm`` is the bundled default, ``bytelm-tiny`` a seconds-to-train variant for
-smoke tests; any other name is a Hugging Face model id or local path (extra ``hf``).
-Every subject packs text (by default the Python standard library's source, train
-or held-out files) into ``[S, seq_len]`` token sequences that start with BOS.
+smoke tests; any other name is a Hugging Face model id or local path (extra ``hf``), loaded
+with its causal-LM head when the checkpoint has one, else as its base model (``AutoModel``,
+no next-token metrics). Every subject packs text (by default the Python standard library's
+source, train or held-out files) into ``[S, seq_len]`` token sequences that start with BOS
+(a tokenizer without one: its CLS, else its EOS).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..hooks import resolve_site
+from ..hooks import block_lists, resolve_site
 from ..paths import files_digest, hub_offline, looks_like_path
 from ..text import Packed, documents, pack
 from .bytelm import BOS, ByteLM, ByteLMConfig, load_bytelm
+from .hf_layouts import LAYOUTS
 
 BYTELM_PRESETS = {
     "bytelm": ByteLMConfig(),
@@ -91,24 +94,94 @@ class ByteLMSubject(Subject):
         return [list(t.encode()) for t in texts]
 
 
+NO_LM_ATTR = "flashsae_no_lm"  # set on a loaded model that has no causal-LM head: the reason
+
+
+def no_lm_reason(model: nn.Module) -> str | None:
+    """Why next-token metrics (CE, KL, Δ-LM) cannot be computed through ``model``; None when
+    they can."""
+    return getattr(model, NO_LM_ATTR, None)
+
+
+def _causal_lm_classes() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([value] if isinstance(value, str) else value)
+    return names
+
+
 @dataclass
 class HFSubject(Subject):
     config: object = None
 
-    def skeleton(self) -> nn.Module:
-        from transformers import AutoModelForCausalLM
+    @property
+    def wants_causal_lm(self) -> bool:
+        """Whether the checkpoint is a causal LM: its ``architectures`` name a causal-LM class
+        (or name nothing, as in a config built by hand) and the family has one."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+        if self.config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            return False
+        archs = getattr(self.config, "architectures", None) or []
+        return not archs or any(a in _causal_lm_classes() for a in archs)
+
+    @property
+    def default_site(self) -> str:
+        """The residual stream after the middle block: the TransformerLens name for a mapped
+        family, else the middle block's module path."""
+        if self.config.model_type in LAYOUTS:
+            return super().default_site
+        lists = block_lists(self.skeleton())
+        path, n = max(lists, key=lambda pn: pn[1]) if lists else ("", 0)
+        if not lists or n != self.n_layers:
+            raise UserError(
+                f"{self.name}: no default site for model type {self.config.model_type!r} "
+                "(its blocks were not found); pass --site with a module path"
+            )
+        return f"{path}.{max(n // 2 - 1, 0)}"
+
+    def skeleton(self) -> nn.Module:
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        auto = AutoModelForCausalLM if self.wants_causal_lm else AutoModel
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(self.config)
+            return auto.from_config(self.config)
 
     def load(self, device: str) -> nn.Module:
-        from transformers import AutoModelForCausalLM
+        """The checkpoint with its causal-LM head when it has one, else its base model
+        (``AutoModel``, tagged with the reason ``no_lm_reason`` returns). Refuses a checkpoint
+        that lacks weights of the model it is loaded as: they would be freshly initialised."""
+        from transformers import AutoModel, AutoModelForCausalLM
 
+        reason = None
+        if self.wants_causal_lm:
+            model, info = self._from_pretrained(AutoModelForCausalLM)
+            fresh = _fresh_weights(info)
+            if not fresh:
+                return model.to(device).eval()
+            reason = (
+                f"the checkpoint has no trained causal-LM head ({', '.join(fresh[:3])} would be "
+                "freshly initialised)"
+            )
+        archs = ", ".join(getattr(self.config, "architectures", None) or [])
+        reason = reason or f"the checkpoint ({archs or 'no architecture'}) has no causal-LM head"
+        model, info = self._from_pretrained(AutoModel)
+        fresh = _fresh_weights(info)
+        if fresh:
+            raise UserError(
+                f"{self.name}: the checkpoint lacks weights of {type(model).__name__} "
+                f"({', '.join(fresh[:5])}); they would be random, so nothing is computed"
+            )
+        setattr(model, NO_LM_ATTR, reason + "; CE, KL and Δ-LM are not computed")
+        return model.to(device).eval()
+
+    def _from_pretrained(self, auto: type) -> tuple[nn.Module, dict]:
         try:
-            model = AutoModelForCausalLM.from_pretrained(self.name, dtype=torch.float32)
+            return auto.from_pretrained(self.name, dtype=torch.float32, output_loading_info=True)
         except OSError as e:
             raise UserError(f"cannot load model {self.name!r}: {e}") from e
-        return model.to(device).eval()
 
     @functools.cached_property
     def tokenizer(self) -> object:
@@ -121,6 +194,13 @@ class HFSubject(Subject):
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _fresh_weights(info: dict) -> list[str]:
+    """The parameters ``from_pretrained`` had to initialise (missing or mismatched in the
+    checkpoint), from its ``output_loading_info``."""
+    mismatched = [m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])]
+    return sorted(info.get("missing_keys", [])) + sorted(mismatched)
 
 
 def pick_device(name: str) -> str:
@@ -185,9 +265,10 @@ def hf_subject(name: str) -> HFSubject:
     key = "hf-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + f"-{revision}"
     subject = HFSubject(source, key, config.hidden_size, config.num_hidden_layers, -1, config)
     tok = subject.tokenizer
-    subject.bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    starts = (tok.bos_token_id, getattr(tok, "cls_token_id", None), tok.eos_token_id)
+    subject.bos = next((t for t in starts if t is not None), None)
     if subject.bos is None:
-        raise UserError(f"the tokenizer of {name!r} has neither a BOS nor an EOS token")
+        raise UserError(f"the tokenizer of {name!r} has no BOS, CLS or EOS token")
     return subject
 
 

@@ -18,6 +18,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -192,19 +193,27 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     try:
         with exclusive_lock(out, "a training run"):
             check_run_dir(out, resume)  # again: another run may have finished meanwhile
-            before = {p.name for p in out.iterdir()}
-            try:
+            with removed_on_failure(out, keep=lambda: (out / "train_state.pt").exists()):
                 return _train(prepare(cfg, subject), out, name)
-            except BaseException:
-                if not (out / "train_state.pt").exists():
-                    for path in out.iterdir():
-                        if path.name not in before:
-                            shutil.rmtree(path) if path.is_dir() else path.unlink()
-                raise
     finally:
         if not existed:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only when empty: a run that failed before its first step
+
+
+@contextlib.contextmanager
+def removed_on_failure(out: Path, keep: Callable[[], bool]) -> Iterator[None]:
+    """When the block raises, remove the files and folders it created in ``out`` unless
+    ``keep()`` (e.g. a checkpoint exists that ``--resume`` needs), then re-raise."""
+    before = {p.name for p in out.iterdir()}
+    try:
+        yield
+    except BaseException:
+        if not keep():
+            for path in out.iterdir():
+                if path.name not in before:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        raise
 
 
 def _train(data: RunData, out: Path, name: str) -> dict:

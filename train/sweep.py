@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import shutil
 import time
 from dataclasses import fields, replace
 from pathlib import Path
@@ -42,6 +41,7 @@ from .pipeline import (
     finish_member,
     loader_of,
     prepare,
+    removed_on_failure,
     resolved,
     start_member,
 )
@@ -198,17 +198,11 @@ def run_sweep(cfgs: list[RunConfig], resume: bool = False) -> list[dict]:
     try:
         with contextlib.ExitStack() as locks:
             locks.enter_context(exclusive_lock(out, "a sweep"))
-            before = {p.name for p in out.iterdir()}
+            checkpointed = lambda: any((d / "train_state.pt").exists() for d in dirs)
+            locks.enter_context(removed_on_failure(out, keep=checkpointed))
             for d in dirs:
                 locks.enter_context(exclusive_lock(d, "a sweep"))
-            try:
-                return _sweep(cfgs, out, names, dirs, resume)
-            except BaseException:
-                if not any((d / "train_state.pt").exists() for d in dirs):
-                    for path in out.iterdir():
-                        if path.name not in before:
-                            shutil.rmtree(path) if path.is_dir() else path.unlink()
-                raise
+            return _sweep(cfgs, out, names, dirs, resume)
     finally:
         if not existed:
             with contextlib.suppress(OSError):

@@ -372,7 +372,17 @@ def specialization(case: Case, params: list[tuple[str, bool]]) -> list[tuple]:
 
 def all_cases(kernels_dir: Path = KERNELS_DIR) -> list[Case]:
     """Every case at every benchmark shape and dtype; cases that compile to the same binary
-    (same specialization and options) merged, their `where` joined."""
+    (same specialization and options) merged, their `where` joined. The launchers' GPU
+    choices are read with the interpreter off (they pick small tiles under it)."""
+    interpreting = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        return _all_cases(kernels_dir)
+    finally:
+        if interpreting is not None:
+            os.environ["TRITON_INTERPRET"] = interpreting
+
+
+def _all_cases(kernels_dir: Path) -> list[Case]:
     params = kernel_params(kernels_dir)
     merged: dict[tuple, Case] = {}
     for d, n, k in SHAPES:

@@ -2,8 +2,8 @@
 
 For each shape (d, n, k) at batch B (default 8192), bf16 autocast and fp32 master weights:
 
-  flashsae  encode_topk + sparse_decode (+ AuxK with k_aux = d/2 when --dead-frac > 0, a GEMM
-            over the dead columns and topk),
+  flashsae  encode_topk + sparse_decode (+ AuxK with k_aux = d/2 when --dead-frac > 0:
+            train/sae.py auxk_loss, a GEMM over the gathered dead columns and topk),
             backward, remove_parallel_grad_, fused Adam, normalize_decoder_
   dense     the baseline, the same math in plain PyTorch: z = (x - b_dec) @ W_enc + b_enc,
             torch.topk, dense f @ W_dec, torch decoder-norm maintenance, fused Adam
@@ -39,6 +39,8 @@ from flashsae.kernels import (
     sparse_decode,
     topk,
 )
+from flashsae.train.sae import auxk_loss
+from flashsae.train.trainer import aux_budget
 
 SHAPES = [(768, 32768, 32), (768, 131072, 32), (2048, 65536, 64), (4096, 131072, 64)]
 AUX_ALPHA = 1 / 32
@@ -47,6 +49,8 @@ RESULTS = Path(__file__).parent / "results" / "topk.jsonl"
 
 class SAE:
     """fp32 master weights (W_enc = W_decᵀ, unit decoder rows) and a fused Adam."""
+
+    dead_budget: int | None = None  # AuxK columns to gather, set per shape as the trainer does
 
     def __init__(self, d: int, n: int):
         W_dec = torch.randn(n, d, device="cuda")
@@ -64,17 +68,16 @@ def _mse(x, x_hat):
 
 
 def flashsae_step(sae, x, k, k_aux, dead):
-    zeros = torch.zeros_like(sae.b_dec)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         vals, idx = encode_topk(x, sae.W_enc, sae.b_enc, sae.b_dec, k)
         x_hat = sparse_decode(vals, idx, sae.W_dec, sae.b_dec)
         loss = _mse(x, x_hat)
-        if k_aux:  # AuxK: a dense GEMM over the dead columns, then topk
-            cols = dead.nonzero().squeeze(1)
-            z_dead = (x - sae.b_dec) @ sae.W_enc[:, cols] + sae.b_enc[cols]
-            aux_vals, slots = topk(z_dead.contiguous(), min(k_aux, cols.numel()))
-            e_hat = sparse_decode(aux_vals, cols.int()[slots.long()], sae.W_dec, zeros)
-            loss = loss + AUX_ALPHA * _mse((x - x_hat.float()).detach(), e_hat)
+        if k_aux:  # AuxK as the trainer does it: a dense GEMM over the gathered dead columns
+            e = (x - x_hat.float()).detach()
+            aux = auxk_loss(
+                x - sae.b_dec, e, sae.W_enc, sae.b_enc, sae.W_dec, dead, k_aux, sae.dead_budget
+            )
+            loss = loss + AUX_ALPHA * aux
     loss.backward()
     remove_parallel_grad_(sae.W_dec, sae.W_dec.grad)
     sae.opt.step()
@@ -134,6 +137,7 @@ def bench_steps(B, d, n, k, k_aux, dead_frac, rep):
     """Rows for dense (the baseline), flashsae and floor at one shape; also the GEMM ms."""
     x = torch.randn(B, d, device="cuda")
     dead = torch.rand(n, device="cuda") < dead_frac
+    SAE.dead_budget = aux_budget(int(dead.sum()))  # as the trainer sets it: no sync in the step
     rows = []
     for variant, step in (("dense", dense_step), ("flashsae", flashsae_step)):
         ms, peak = _step_ms(step, x, d, n, k, k_aux, dead, rep)

@@ -50,12 +50,6 @@ class Layout:
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return getattr(model, "base_model", model).get_submodule(self.layers)
 
-    def blocks_path(self, model: nn.Module) -> str:
-        """The blocks' module path in ``model`` itself."""
-        base = getattr(model, "base_model", model)
-        prefix = getattr(model, "base_model_prefix", "")
-        return self.layers if base is model or not prefix else f"{prefix}.{self.layers}"
-
     def n_layers(self, model: nn.Module) -> int:
         return len(self.blocks(model))
 

@@ -90,6 +90,7 @@ class Case:
     args: dict
     num_warps: int = 4
     num_stages: int | None = None  # None: Triton's default, as when the launcher passes none
+    maxnreg: int | None = None  # a register cap the launcher passes (None: none)
     where: list[str] = field(default_factory=list)  # the benchmark settings that reach it
 
 
@@ -115,44 +116,45 @@ def topk_cases(B: int, N: int, k: int, dt: str, is_keys: bool) -> list[Case]:
 
 
 def encode_topk_cases(d: int, n: int, k: int, dt: str) -> list[Case]:
-    """kernels/encode_topk_kernels.py _launch_encode_topk (fused backend: candidates, select and
-    overflow kernels, per SM count), and AuxK's top-k over the gathered dead columns
-    (train/sae.py auxk_loss; taken here as n/4 dead latents, so k_live = k_aux = d/2)."""
+    """kernels/encode_topk_kernels.py _launch_encode_topk (fused backend: chunks, select, exact
+    pass and its select), and AuxK's top-k over the gathered dead columns (train/sae.py
+    auxk_loss; taken here as n/4 dead latents, so k_live = k_aux = d/2)."""
     enc = _import_kernels(MODULES["encode_topk"])
     module = MODULES["encode_topk"]
     k_pad = next_pow2(k)
     fp32 = dt == "fp32"
-    block_m, block_n, block_k, warps, stages = enc._fused_config(k_pad, fp32)
     precision = "tf32x3" if fp32 else "tf32"
-    n_tiles, row_blocks = cdiv(n, block_n), cdiv(B, block_m)
-    cases = []
-    for sms in SM_COUNTS:
-        splits = min(n_tiles, max(1, cdiv(2 * sms, row_blocks)))
-        tiles_per_split = cdiv(n_tiles, splits)
-        splits = cdiv(n_tiles, tiles_per_split)
-        per_split = enc._expected_candidates(tiles_per_split * block_n, k_pad, block_n)
-        capacity = min(n, next_pow2(int(3 * splits * per_split)))
-        args = dict(
-            xc_ptr=Ptr(dt), w_ptr=Ptr(dt), b_enc_ptr=Ptr("fp32"), cand_key_ptr=Ptr("i64"),
-            count_ptr=Ptr("i32"), B=B, D=d, N=n, TILES_PER_SPLIT=tiles_per_split, CAP=capacity,
-            K_PAD=k_pad, WARMUP=enc.WARMUP, REFRESH=enc.REFRESH, STEPS=enc.STEPS,
-            DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        )  # fmt: skip
-        cases.append(Case(module, "_encode_candidates_kernel", args, warps, stages))
-        # select and overflow configurations as _launch_encode_topk picks them on a GPU
-        sel_n = max(k_pad, 256)
-        sel_m = max(1, min(B, 2048 // sel_n, 8))
+    block_m, block_n, block_k, warps, stages, maxnreg = enc._fused_config(fp32)
+    chunk = enc.chunk_size(n, k, block_n)
+    n_chunks = cdiv(n, chunk)
+    chunks = dict(
+        xc_ptr=Ptr(dt), w_ptr=Ptr(dt), b_enc_ptr=Ptr("fp32"), key_ptr=Ptr("i64"),
+        bound_ptr=Ptr("fp32"), B=B, D=d, N=n, N_CHUNKS=n_chunks, TOP=enc.TOP, CHUNK=chunk,
+        EVEN_K=d % block_k == 0, DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )  # fmt: skip
+    cases = [Case(module, "_encode_chunks_kernel", chunks, warps, stages, maxnreg)]
+    sel_m, sel_n, sel_warps = enc._select_config(k_pad)
+    fb_m, fb_n, fb_k, fb_warps, fb_stages = enc._overflow_config(k_pad, fp32)
+    n_tiles = cdiv(n, fb_n)
+    tiles_per_split = cdiv(n_tiles, min(n_tiles, enc.OVERFLOW_SPLITS))
+    splits = cdiv(n_tiles, tiles_per_split)
+    for overflow, n_keys, n_bound in (
+        (False, enc.TOP * n_chunks, n_chunks),
+        (True, splits * k_pad, 0),
+    ):
         select = dict(
-            cand_key_ptr=Ptr("i64"), count_ptr=Ptr("i32"), val_ptr=Ptr(dt), idx_ptr=Ptr("i32"),
-            B=B, CAP=capacity, K=k, K_PAD=k_pad, BLOCK_M=sel_m, BLOCK_N=sel_n,
+            key_ptr=Ptr("i64"), bound_ptr=Ptr("fp32"), flag_ptr=Ptr("i32"), val_ptr=Ptr(dt),
+            idx_ptr=Ptr("i32"), B=B, N_KEYS=n_keys, N_BOUND=n_bound, K=k, K_PAD=k_pad,
+            OVERFLOW=overflow, BLOCK_M=sel_m, BLOCK_N=sel_n,
         )  # fmt: skip
-        cases.append(Case(module, "_select_kernel", select, 4 if sel_m * sel_n <= 2048 else 8))
-        overflow = dict(
-            xc_ptr=Ptr(dt), w_ptr=Ptr(dt), b_enc_ptr=Ptr("fp32"), count_ptr=Ptr("i32"),
-            val_ptr=Ptr(dt), idx_ptr=Ptr("i32"), B=B, D=d, N=n, CAP=capacity, K=k, K_PAD=k_pad,
-            DOT_PRECISION=precision, BLOCK_M=64, BLOCK_N=max(128, k_pad), BLOCK_K=block_k,
-        )  # fmt: skip
-        cases.append(Case(module, "_overflow_kernel", overflow, 8, 2 if fp32 else stages))
+        cases.append(Case(module, "_select_kernel", select, sel_warps))
+    overflow = dict(
+        xc_ptr=Ptr(dt), w_ptr=Ptr(dt), b_enc_ptr=Ptr("fp32"), flag_ptr=Ptr("i32"),
+        part_ptr=Ptr("i64"), B=B, D=d, N=n, TILES_PER_SPLIT=tiles_per_split, K_PAD=k_pad,
+        EVEN_K=d % fb_k == 0, DOT_PRECISION=precision, BLOCK_M=fb_m, BLOCK_N=fb_n, BLOCK_K=fb_k,
+    )  # fmt: skip
+    cases.append(Case(module, "_overflow_kernel", overflow, fb_warps, fb_stages))
     k_aux, n_dead = d // 2, n // 4
     cases += topk_cases(B, n_dead, min(k_aux, n_dead), dt, is_keys=False)
     return cases
@@ -413,6 +415,8 @@ def config_label(case: Case, spec: list[tuple]) -> str:
     parts.append(f"warps={case.num_warps}")
     if case.num_stages is not None:
         parts.append(f"stages={case.num_stages}")
+    if case.maxnreg is not None:
+        parts.append(f"maxnreg={case.maxnreg}")
     return " ".join(parts)
 
 
@@ -434,6 +438,7 @@ class Record:
     int_ops: int = 0
     opcodes: dict = field(default_factory=dict)
     estimate: dict | None = None
+    case: Case | None = None  # the case the estimate was made for (its block sizes)
     seconds: float = 0.0
     error: str = ""
 
@@ -545,14 +550,27 @@ def loops(instrs: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
     return found
 
 
-def tile_estimate(instrs: list[tuple[int, str, str]], case: Case) -> dict | None:
-    """Per-N-tile integer-pipe vs MMA clocks of the fused encoder's candidates kernel (an
-    estimate).
+SMS, CLOCK_HZ = 132, 1.83e9  # H100 SXM, for the time estimates
 
-    The innermost loop holding HGMMA is the K-loop, run D / BLOCK_K times per tile; the rest of
-    the enclosing loop (the N-tile loop: bias, group maxima, threshold compare, candidate
-    appends, and the threshold refresh, which really runs on about 1 tile in 16, so this
-    overstates it) runs once."""
+
+def _int_clk(group: list[tuple[int, str, str]], times: int, warps: int) -> tuple[float, Counter]:
+    """SM clocks of the integer work of ``group`` run ``times`` by ``warps`` warps, and its ops."""
+    ops = Counter()
+    for _, op, _ in group:
+        if op in INT_OPS:
+            ops[op] += times
+    alu = sum(v for op, v in ops.items() if op != "SHFL")
+    return warps * (alu * INT_CLK_PER_WARP_INSTR + ops["SHFL"] * SHFL_CLK_PER_WARP_INSTR), ops
+
+
+def tile_estimate(instrs: list[tuple[int, str, str]], case: Case) -> dict | None:
+    """Integer-pipe vs MMA clocks of one tile of the fused encoder's chunks kernel (an estimate).
+
+    The innermost loop holding HGMMA is the K-loop, run D / BLOCK_K times; everything else (the
+    bias, the TOP rounds of chunk maxima, the key and bound stores) is the epilogue, run once.
+    The tile time is bounded below by max(MMA, K-loop INT + epilogue INT) when two CTAs share
+    an SM (one's epilogue under the other's MMA) and by max(MMA, K-loop INT) + epilogue INT
+    with one; ``tiles_us`` takes the bound for the CTAs per SM the registers allow."""
     ranges = loops(instrs)
     has_mma = [
         (s, e) for s, e in ranges if any(s <= a <= e and op in MMA_OPS for a, op, _ in instrs)
@@ -560,45 +578,72 @@ def tile_estimate(instrs: list[tuple[int, str, str]], case: Case) -> dict | None
     if not has_mma:
         return None
     k_lo, k_hi = min(has_mma, key=lambda r: r[1] - r[0])
-    outer = [(s, e) for s, e in ranges if s <= k_lo and e >= k_hi and (s, e) != (k_lo, k_hi)]
-    if not outer:
-        return None
-    n_lo, n_hi = min(outer, key=lambda r: r[1] - r[0])
-    iters = cdiv(case.args["D"], case.args["BLOCK_K"])
     inner = [i for i in instrs if k_lo <= i[0] <= k_hi]
-    rest = [i for i in instrs if n_lo <= i[0] <= n_hi and not k_lo <= i[0] <= k_hi]
+    rest = [i for i in instrs if not k_lo <= i[0] <= k_hi]
     warps = case.num_warps
     warpgroup_clk = sass_flops = 0.0
-    for group, times in ((inner, iters), (rest, 1)):
-        for _, op, text in group:
-            if op == "HGMMA":
-                m, n, k = map(int, re.search(r"HGMMA\.(\d+)x(\d+)x(\d+)", text).groups())
-                dtype = re.search(r"\.(BF16|F16|TF32)", text).group(1)
-                warpgroup_clk += times * 2 * m * n * k / MMA_FLOP_PER_CLK[dtype]
-                sass_flops += times * 2 * m * n * k * warps / 4
-    # HGMMA is issued per warpgroup (4 warps): count it once per warpgroup.
-    mma_clk = warpgroup_clk * warps / 4
-    int_instr = {}
-    for group, times in ((inner, iters), (rest, 1)):
-        for _, op, _ in group:
-            if op in INT_OPS:
-                int_instr[op] = int_instr.get(op, 0) + times
-    alu = sum(v for op, v in int_instr.items() if op != "SHFL")
-    int_clk = warps * (
-        alu * INT_CLK_PER_WARP_INSTR + int_instr.get("SHFL", 0) * SHFL_CLK_PER_WARP_INSTR
-    )
-    all_instr = len(inner) * iters + len(rest)
-    tile_flops = 2 * case.args["BLOCK_M"] * case.args["BLOCK_N"] * case.args["D"]
+    for _, op, text in inner:
+        if op == "HGMMA":
+            m, n, k = map(int, re.search(r"HGMMA\.(\d+)x(\d+)x(\d+)", text).groups())
+            dtype = re.search(r"\.(BF16|F16|TF32)", text).group(1)
+            warpgroup_clk += 2 * m * n * k / MMA_FLOP_PER_CLK[dtype]
+            sass_flops += 2 * m * n * k * warps / 4
+    epi_clk, epi_ops = _int_clk(rest, 1, warps)
+    a = case.args
     return {
-        "k_iters": iters,
-        "mma_clk": mma_clk,
-        "flop_ratio": sass_flops / tile_flops,
-        "int_instr_per_warp": sum(int_instr.values()),
-        "int_clk": int_clk,
-        "issue_clk": warps * all_instr / 4,
-        "int_over_mma": int_clk / mma_clk if mma_clk else float("inf"),
-        "top_int": sorted(int_instr.items(), key=lambda kv: -kv[1])[:6],
+        "mma_clk_per_iter": warpgroup_clk * warps / 4,  # HGMMA is issued per warpgroup
+        "flop_ratio": sass_flops / (2 * a["BLOCK_M"] * a["BLOCK_N"] * a["BLOCK_K"]),
+        "k_int_clk_per_iter": _int_clk(inner, 1, warps)[0],
+        "epi_int_clk": epi_clk,
+        "top_epi": epi_ops.most_common(6),
     }
+
+
+def tile_clocks(e: dict, case: Case, d: int) -> tuple[float, float, float]:
+    """(MMA, K-loop INT, epilogue INT) SM clocks of one tile at width d."""
+    iters = cdiv(d, case.args["BLOCK_K"])
+    return e["mma_clk_per_iter"] * iters, e["k_int_clk_per_iter"] * iters, e["epi_int_clk"]
+
+
+def tile_time_us(e: dict, case: Case, d: int, n: int, ctas_per_sm: int) -> float:
+    """The chunks kernel's time at (B, d, n) from its tile estimate (see tile_estimate)."""
+    mma, k_int, epi = tile_clocks(e, case, d)
+    if ctas_per_sm >= 2:
+        clk = max(mma, k_int + epi)
+    else:
+        clk = max(mma, k_int) + epi
+    tiles = cdiv(B, case.args["BLOCK_M"]) * cdiv(n, case.args["BLOCK_N"])
+    return tiles / SMS * clk / CLOCK_HZ * 1e6
+
+
+def select_estimate(instrs: list[tuple[int, str, str]], case: Case) -> dict:
+    """Integer clocks of the select kernel's first pass (an estimate): the key loop (the loop
+    with the most instructions: load and bitonic merge) run N_KEYS / BLOCK_N times, the bound
+    loop N_BOUND / BLOCK_N times, the rest once per program; integer-bound, so the time is the
+    total over B / BLOCK_M programs spread over the SMs."""
+    ranges = sorted(loops(instrs), key=lambda r: -sum(r[0] <= i[0] <= r[1] for i in instrs))
+    key_loop = ranges[0]
+    bound_loops = [r for r in ranges[1:] if not (key_loop[0] <= r[0] <= key_loop[1])]
+    warps = case.num_warps
+    clk, in_loops = [], set()
+    for lo, hi in [key_loop] + bound_loops[:1]:
+        body = [i for i in instrs if lo <= i[0] <= hi]
+        in_loops |= {i[0] for i in body}
+        clk.append(_int_clk(body, 1, warps)[0])
+    rest = _int_clk([i for i in instrs if i[0] not in in_loops], 1, warps)[0]
+    return {"key_clk_per_iter": clk[0], "bound_clk_per_iter": sum(clk[1:]), "rest_clk": rest}
+
+
+def select_time_us(e: dict, case: Case, n_keys: int, n_bound: int) -> float:
+    """The select kernel's first pass over n_keys keys and n_bound bounds per row, from
+    select_estimate."""
+    a = case.args
+    clk = (
+        e["key_clk_per_iter"] * cdiv(n_keys, a["BLOCK_N"])
+        + e["bound_clk_per_iter"] * cdiv(n_bound, a["BLOCK_N"])
+        + e["rest_clk"]
+    )
+    return cdiv(B, a["BLOCK_M"]) / SMS * clk / CLOCK_HZ * 1e6
 
 
 def compile_case(case: Case) -> Record:
@@ -624,6 +669,8 @@ def compile_case(case: Case) -> Record:
         options = {"num_warps": case.num_warps}
         if case.num_stages is not None:
             options["num_stages"] = case.num_stages
+        if case.maxnreg is not None:
+            options["maxnreg"] = case.maxnreg
         log = io.StringIO()  # Triton's own ptxas -v log (TRITON_DUMP_PTXAS_LOG), printed
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(
@@ -648,10 +695,14 @@ def compile_case(case: Case) -> Record:
         record.opcodes = dict(ops)
         record.mma = sum(ops[op] for op in MMA_OPS)
         record.int_ops = sum(ops[op] for op in INT_OPS)
-        if case.kernel == "_encode_candidates_kernel":
+        if case.kernel == "_encode_chunks_kernel":
             record.estimate = tile_estimate(instrs, case)
             if record.estimate is None:
-                raise RuntimeError("no K-loop inside an N-tile loop found in the SASS")
+                raise RuntimeError("no K-loop found in the SASS")
+            record.case = case
+        elif case.kernel == "_select_kernel" and not case.args["OVERFLOW"]:
+            record.estimate = select_estimate(instrs, case)
+            record.case = case
     except Exception as e:  # noqa: BLE001 - every failure is reported, none stops the others
         record.error = f"{type(e).__name__}: {e}".strip()[-3000:]
     record.seconds = time.perf_counter() - start
@@ -672,6 +723,10 @@ def compile_all(cases: list[Case], jobs: int = 2) -> list[Record]:
             jobs, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(cache,)
         ) as pool:
             return list(pool.map(compile_case, cases))
+
+
+def _num(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
 
 
 def markdown(records: list[Record], seconds: float, failures: list[str]) -> str:
@@ -705,32 +760,68 @@ def markdown(records: list[Record], seconds: float, failures: list[str]) -> str:
         )
     lines += [
         "",
-        "## encode_topk: integer-pipe vs MMA clocks per N-tile (ESTIMATE, not measured)",
+        "## encode_topk: integer-pipe vs MMA clocks (ESTIMATE, not measured)",
         "",
-        "Cycle model, per SM: wgmma bf16 4096 FLOP/clk (H100 SXM dense: 989 TFLOP/s / (132 SMs "
-        "x 1.83 GHz)), tf32 2048 FLOP/clk (the fp32 path's tf32x3 issues three); HGMMA counted "
+        "Cycle model, per SM of an H100 SXM (132 SMs, 1.83 GHz): wgmma bf16 4096 FLOP/clk "
+        "(989 TFLOP/s), tf32 2048 FLOP/clk (the fp32 path's tf32x3 issues three); HGMMA counted "
         "once per warpgroup. Integer: a 32-bit ALU or IMAD warp-instruction costs 2 clocks of one "
         "of the 4 sub-partitions (64 lanes/clk/SM), SHFL 4 (32 lanes/clk/SM), so per SM "
-        "int clk = warps x (ALU+IMAD x 0.5 + SHFL x 1). Issue clk = warps x instructions / 4 "
-        "(one warp-instruction per sub-partition per clock). Dynamic counts per tile = K-loop "
-        "body (innermost SASS loop with HGMMA) x D/BLOCK_K + rest of the N-tile loop x 1. "
-        "MMA and integer work can overlap; the larger of the two bounds the tile. The last "
-        "ratio checks the loop model: HGMMA FLOP counted this way over 2 x BLOCK_M x BLOCK_N x D "
-        "(1 for one bf16 pass; tf32x3 issues more than one pass).",
+        "int clk = warps x (ALU+IMAD x 0.5 + SHFL x 1). Chunks kernel, per tile: the K-loop "
+        "(innermost SASS loop with HGMMA) x D/BLOCK_K, the epilogue (everything else: bias, TOP "
+        "rounds of chunk maxima, stores) once. A tile takes at least max(MMA, K-loop INT + "
+        "epilogue INT) with two CTAs per SM, max(MMA, K-loop INT) + epilogue INT with one. The "
+        "select kernel (first pass) is integer-bound: its key loop x N_KEYS/BLOCK_N, bound loop "
+        "x N_BOUND/BLOCK_N, rest once, per program, over the SMs. The exact pass runs for the "
+        "few flagged rows only (not counted). FLOP check: HGMMA FLOP counted this way over "
+        "2 x BLOCK_M x BLOCK_N x D (1 for one bf16 pass).",
         "",
-        "| config | used at | K iters | MMA clk | INT instr/warp | INT clk | issue clk "
-        "| INT/MMA | SASS MMA FLOP / tile FLOP | top INT ops (dynamic, per warp) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| chunks kernel config | used at | K iters | MMA clk | K-loop INT clk | epilogue INT "
+        "clk | K-loop INT/MMA | epilogue INT/MMA | CTAs/SM | FLOP check | top epilogue INT ops |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    enc = _import_kernels(MODULES["encode_topk"])
+    totals: dict[str, dict] = {}
     for r in records:
         e = r.estimate
         if e is None:
             continue
-        top = ", ".join(f"{op} {n}" for op, n in e["top_int"])
+        for where in r.where:
+            dt, d, n, k = map(_num, re.match(r"(\w+) d=(\d+) n=(\d+) k=(\d+)", where).groups())
+            t = totals.setdefault(where, {})
+            if r.kernel == "_select_kernel":
+                n_chunks = cdiv(n, enc.chunk_size(n, k, enc._fused_config(dt == "fp32")[1]))
+                t["select"] = select_time_us(e, r.case, enc.TOP * n_chunks, n_chunks)
+                continue
+            ctas = min(
+                65536 // (r.regs * r.num_warps * 32),
+                MAX_SMEM_SM // (r.smem_dynamic + r.smem_static),
+            )
+            t["chunks"] = tile_time_us(e, r.case, d, n, ctas)
+            mma, k_int, epi = tile_clocks(e, r.case, d)
+            top = ", ".join(f"{op} {c}" for op, c in e["top_epi"])
+            lines.append(
+                f"| {r.config} | {where} | {cdiv(d, r.case.args['BLOCK_K'])} | {mma:.0f} | "
+                f"{k_int:.0f} | {epi:.0f} | {k_int / mma:.2f} | {epi / mma:.2f} | {ctas} | "
+                f"{e['flop_ratio']:.2f} | {top} |"
+            )
+    lines += [
+        "",
+        f"Estimated fused forward at B = {B} (chunks kernel + select first pass), against the "
+        "GEMM alone at the peak MMA rate (989 TFLOP/s bf16; tf32x3: three tf32 passes at 494, so "
+        "165 effective):",
+        "",
+        "| used at | chunks kernel us | select us | fused us | GEMM at peak us | fused / GEMM |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for where, t in totals.items():
+        if "chunks" not in t or "select" not in t:
+            continue
+        dt, d, n, _ = map(_num, re.match(r"(\w+) d=(\d+) n=(\d+) k=(\d+)", where).groups())
+        gemm = 2 * B * d * n / (989e12 if dt == "bf16" else 165e12) * 1e6
+        fused = t["chunks"] + t["select"]
         lines.append(
-            f"| {r.config} | {'; '.join(r.where)} | {e['k_iters']} | {e['mma_clk']:.0f} | "
-            f"{e['int_instr_per_warp']} | {e['int_clk']:.0f} | {e['issue_clk']:.0f} | "
-            f"{e['int_over_mma']:.2f} | {e['flop_ratio']:.2f} | {top} |"
+            f"| {where} | {t['chunks']:.0f} | {t['select']:.0f} | {fused:.0f} | {gemm:.0f} | "
+            f"{fused / gemm:.2f} |"
         )
     lines += ["", "## Failures", ""] + ([f"- {f}" for f in failures] or ["none"])
     return "\n".join(lines) + "\n"

@@ -9,47 +9,35 @@ W_enc's dtype for the MMA; z is accumulated in fp32.
 Backends: "dense" (one GEMM, z materialised, torch.topk), "fused" (the Triton kernels below, z
 never reaches memory) and "auto" (pick_backend: an estimate until a GPU measures it).
 
-Fused forward, three kernels, no host sync:
+Fused forward, no host sync. Entries are compared as packed int64 keys (pack_keys: value, then
+column), so ties are broken by the column and every key is distinct.
 
-1. _encode_candidates_kernel: each program owns BLOCK_M rows and a split of the latents and
-   computes z tile by tile, each BLOCK_M × BLOCK_N tile as two column halves of H = BLOCK_N/2
-   (two accumulators in one K-loop). Per row it keeps g[r, c] = max of z[r, j] over the
-   columns j of the split seen so far in residue class c (mod BLOCK_N; the halves' g_a, g_b):
-   BLOCK_N distinct entries, so any t_r with at least K_PAD of them >= t_r is a lower bound of
-   the row's k-th best value. t_r is raised (_raise_threshold: bisection between max(t_r,
-   min g) and max g, counting g >= mid; STEPS steps, no sort) on the first WARMUP tiles and
-   every REFRESH-th tile after. Entries with z >= t_r are candidates, appended as packed int64
-   keys (pack_keys: value and column in one store) to a per-row buffer of CAP slots: one
-   atomic_add per row with candidates reserves their slots (offsets from a cumsum), so only
-   rows with candidates pay the atomic (a per-element masked atomic_add fails Triton 3.9's
-   layout pass for sm_90). After the first tiles few entries beat t_r: about k·BLOCK_N/n_seen
-   per row and tile, k·(1 + ln(n/BLOCK_N)) per row in all for i.i.d. columns (more with the
-   refresh schedule and the group maxima).
-   Exact: an entry z_e < t_r has K_PAD >= k distinct entries (group maxima) above it, so every
-   entry with z >= the final k-th value is a candidate.
-   Registers (ptxas for sm_90, triton 3.9, B, d, n, CAP divisible by 16 as the launcher
-   specialises them): the previous form (one 64×128 epilogue, tl.topk refresh inside the
-   loop, value and column stored separately) used 255 registers and spilled 540-1250 bytes;
-   the halves halve the epilogue's live set (the scatter stores' 64-bit addresses dominate),
-   one key store halves the addresses again, and the bisection needs no sort network. Now
-   251 registers in bf16 (BLOCK_K 64) and 241 in fp32 (tf32x3, BLOCK_K 16; 32 spills), no
-   spills; 8 warps, so one CTA per SM (the bare 64×128 GEMM alone takes 114: 2 CTAs of 8
-   warps, <= 128, is out of reach with a per-element scatter in the same loop).
-   SASS per tile per thread, steady-state loop (the K-loop × D/BLOCK_K, refresh branch
-   excluded), bf16, 64×128, 8 warps; "int" = SEL+ISETP+LOP3+IMAD+IADD3+SHF+LEA+PRMT+PLOP3+
-   FSETP+FMNMX+P2R+POPC. ESTIMATE (no GPU measured it): int at 16 lanes/clk/SMSP, SHFL at 32
-   lanes/clk/SM, MMA at 2048 bf16 MAC/clk/SM (3072 clk per tile at d = 768, 8192 at 2048):
-       d, k      kernel                        HGMMA  int   SHFL  int+SHFL clk : MMA clk
-       768, 32   48b9355 (tl.topk + merge)       48   4264   736   22.9k : 3.1k (7.5x)
-       768, 32   this one                        96   2114   212   10.2k : 3.1k (3.3x)
-       2048, 64  48b9355                        128   7173  1024   36.9k : 8.2k (4.5x)
-       2048, 64  this one                       256   3174   212   14.4k : 8.2k (1.8x)
-   (HGMMA here is m64n64k16 per half; 48b9355 issued m64n128k16.) About 640 of the int count
-   at d = 768 is the K-loop's own address and pipeline bookkeeping.
-2. _select_kernel: the exact top-k of each row's candidates (packed int64 keys, bitonic merge).
-3. _overflow_kernel: rows whose counter exceeds CAP (adversarial inputs, e.g. z increasing with
-   the column, make every tile beat t_r) are recomputed exactly by streaming all of z through
-   the bitonic merge; a program with no overflowed row runs no tile.
+1. _encode_chunks_kernel: a plain GEMM tile (BLOCK_M x BLOCK_N of z, fp32 accumulator) whose
+   epilogue, for each row and chunk of CHUNK columns, keeps the TOP largest entries as keys and
+   the next largest value as the chunk's bound: TOP rounds of a max with its index over the
+   chunk. No state crosses tiles (no running threshold, no atomics, no scatter): the integer
+   work is a few compares per entry, and z never reaches memory; out go TOP keys and one bound
+   per chunk ([B, TOP, n/CHUNK] int64 and [B, n/CHUNK] fp32: 1/4 of z's bf16 bytes at CHUNK 128).
+2. _select_kernel: the top-k of each row's TOP·n/CHUNK keys (streaming bitonic merge). Exact
+   unless some chunk holds more than TOP entries >= the k-th key: an entry missing from the keys
+   is <= its chunk's bound, so when every bound is below the k-th key's value the keys hold the
+   whole top-k. Otherwise (a bound >= that value, or fewer than k finite keys) the row is flagged
+   and left. chunk_size picks CHUNK so that, for i.i.d. columns, about C(k, TOP+1)/n_chunks^TOP
+   of the rows are flagged (<= MAX_OVERFLOW_RATE).
+3. _overflow_kernel: the flagged rows, exactly: every column through the bitonic merge, in
+   OVERFLOW_SPLITS column splits (so a few rows do not serialise on one SM) into partial top-ks;
+   a program with no flagged row runs no tile. _select_kernel (OVERFLOW) merges the splits.
+
+ESTIMATE (sm_90 SASS, no GPU measured it; bench/hopper_compile.py, cycle model in its md), bf16,
+integer-pipe clocks over MMA clocks per tile:
+    d, k      kernel                                          INT / MMA            CTAs/SM
+    768, 32   before: running threshold + candidate appends   4.26                    1
+    768, 32   chunks (128 x 128, CHUNK 128)                   0.30 K-loop + 0.58      2
+    2048, 64  before                                          2.06                    1
+    2048, 64  chunks                                          0.30 K-loop + 0.22      2
+so the chunks kernel is MMA-bound (its integer work fits under its MMA, and with two CTAs per
+SM one's epilogue overlaps the other's MMA); the select kernel adds about 0.35 (d 768) and 0.14
+(d 2048) of the GEMM's time at peak.
 
 Backward is sparse: with g the pre-activation gradients of the k selected slots per row
 (dL/dvalue · 1[value > 0]),
@@ -67,7 +55,14 @@ import triton.language as tl
 
 from .segment_matmul_kernels import segment_matmul
 from .sparse_decode_kernels import sparse_decode_forward
-from .topk_kernels import INT64_MIN, merge_topk, pack_keys, store_topk, topk_reference
+from .topk_kernels import (
+    INT64_MIN,
+    merge_topk,
+    pack_keys,
+    store_topk,
+    topk_reference,
+    unpack_keys,
+)
 from .utils import (
     FLOAT_DTYPES,
     autocast_inputs,
@@ -79,8 +74,10 @@ from .utils import (
 
 BACKENDS = ("auto", "fused", "dense")
 MAX_FUSED_K = 256  # k_pad above this: the running top-k no longer fits next to the z tile
-WARMUP, REFRESH = 8, 16  # threshold refreshed on the first WARMUP tiles, then every REFRESH-th
-STEPS = 8  # bisection steps per refresh
+TOP = 4  # candidates kept per chunk: its TOP largest entries; the next one is the chunk's bound
+MAX_OVERFLOW_RATE = 2e-4  # chunk size: expected fraction of rows that need the exact pass
+OVERFLOW_SPLITS = 16  # column splits of the exact pass (its latency for a few rows)
+GPU_BLOCK_M, GPU_BLOCK_N = 128, 128  # the chunks kernel's tile on a GPU
 
 
 @triton.jit
@@ -93,165 +90,126 @@ def _z_tile(
     col_mask,
     D,
     N,
+    EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ) -> tl.tensor:
-    """fp32 z = x_c @ W[:, cols] + b_enc[cols] for BLOCK_M rows; -inf in masked columns."""
+    """fp32 z = x_c @ W[:, cols] + b_enc[cols] for BLOCK_M rows; -inf in masked columns. The
+    pointers advance by BLOCK_K per step (no per-step 64-bit address products), and with EVEN_K
+    (BLOCK_K divides D) the loads need no K mask."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = xc_rows + ks[None, :]
+    w_ptrs = w_ptr + ks[:, None].to(tl.int64) * N + cols[None, :]
+    w_step = BLOCK_K * N.to(tl.int64)
     for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < D
-        xc = tl.load(xc_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(
-            w_ptr + ks[:, None].to(tl.int64) * N + cols[None, :],
-            mask=k_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        )
+        if EVEN_K:
+            xc = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
+        else:
+            k_mask = k0 + ks < D
+            xc = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = tl.dot(xc, w, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += w_step
     acc += tl.load(b_enc_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return tl.where(col_mask[None, :], acc, float("-inf"))
 
 
 @triton.jit
-def _z_halves(
-    xc_rows,
-    row_mask,
-    w_ptr,
-    b_enc_ptr,
-    cols_a,
-    cols_b,
-    D,
-    N,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    H: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-) -> tuple[tl.tensor, tl.tensor]:
-    """fp32 z of two column sets (H each) in one K-loop; -inf in columns >= N. Two accumulators
-    of one layout: the halves' epilogues run one after the other (half the live registers of
-    one BLOCK_M x 2H epilogue) and their elementwise max needs no data movement."""
-    acc_a = tl.zeros([BLOCK_M, H], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_M, H], dtype=tl.float32)
-    mask_a = cols_a < N
-    mask_b = cols_b < N
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < D
-        xc = tl.load(xc_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w_rows = w_ptr + ks[:, None].to(tl.int64) * N
-        w_a = tl.load(w_rows + cols_a[None, :], mask=k_mask[:, None] & mask_a[None, :], other=0.0)
-        w_b = tl.load(w_rows + cols_b[None, :], mask=k_mask[:, None] & mask_b[None, :], other=0.0)
-        acc_a = tl.dot(xc, w_a, acc_a, input_precision=DOT_PRECISION)
-        acc_b = tl.dot(xc, w_b, acc_b, input_precision=DOT_PRECISION)
-    acc_a += tl.load(b_enc_ptr + cols_a, mask=mask_a, other=0.0).to(tl.float32)[None, :]
-    acc_b += tl.load(b_enc_ptr + cols_b, mask=mask_b, other=0.0).to(tl.float32)[None, :]
-    z_a = tl.where(mask_a[None, :], acc_a, float("-inf"))
-    return z_a, tl.where(mask_b[None, :], acc_b, float("-inf"))
-
-
-@triton.jit
-def _append_candidates(z, t, cols, rows, row_mask, key_rows, count_ptr, CAP) -> None:
-    """Append the entries z[r, j] >= t[r] as packed keys to row r's buffer: one atomic per row
-    with entries reserves their slots, a cumsum numbers them within the tile."""
-    hit = (z >= t[:, None]) & row_mask[:, None] & (z > float("-inf"))
-    n_hit = tl.sum(hit.to(tl.int32), axis=1)
-    base = tl.atomic_add(count_ptr + rows, n_hit, mask=n_hit > 0, sem="relaxed")
-    slot = base[:, None] + tl.cumsum(hit.to(tl.int32), axis=1) - 1
-    tl.store(key_rows + slot, pack_keys(z, cols[None, :]), mask=hit & (slot < CAP))
-
-
-@triton.jit
-def _raise_threshold(g_a, g_b, t, K_PAD: tl.constexpr, STEPS: tl.constexpr) -> tl.tensor:
-    """[M] a value lo >= t with at least K_PAD entries of the group maxima g_a, g_b >= lo, by
-    STEPS bisection steps between max(t, min g) and max g (no sort: compares and row sums).
-    Needs count(g >= t) >= K_PAD already (true for t = -inf, and g only grows)."""
-    lo = tl.maximum(t, tl.minimum(tl.min(g_a, axis=1), tl.min(g_b, axis=1)))
-    hi = tl.maximum(tl.max(g_a, axis=1), tl.max(g_b, axis=1))
-    for _ in tl.static_range(STEPS):
-        mid = lo + (hi - lo) * 0.5  # NaN while lo = -inf: no compare holds, lo stays
-        above = (g_a >= mid[:, None]).to(tl.int32)
-        n_above = tl.sum(above, axis=1) + tl.sum((g_b >= mid[:, None]).to(tl.int32), axis=1)
-        ok = n_above >= K_PAD
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid)
-    return lo
-
-
-@triton.jit
-def _encode_candidates_kernel(
+def _encode_chunks_kernel(
     xc_ptr,
     w_ptr,
     b_enc_ptr,
-    cand_key_ptr,
-    count_ptr,
+    key_ptr,
+    bound_ptr,
     B,
     D,
     N,
-    TILES_PER_SPLIT,
-    CAP,
-    K_PAD: tl.constexpr,
-    WARMUP: tl.constexpr,
-    REFRESH: tl.constexpr,
-    STEPS: tl.constexpr,
+    N_CHUNKS,
+    TOP: tl.constexpr,
+    CHUNK: tl.constexpr,
+    EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Append every z[r, j] >= t_r of this program's rows and split to the candidate buffer."""
-    split = tl.program_id(1)
+    """One BLOCK_M x BLOCK_N tile of z; for each row r and chunk c (CHUNK columns) in it:
+    key[r, t, c] (t < TOP) = the t-th largest entry as a packed key, bound[r, c] = the next one."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < B
-    xc_rows = xc_ptr + rows[:, None].to(tl.int64) * D
-    key_rows = cand_key_ptr + rows[:, None].to(tl.int64) * CAP
-    H: tl.constexpr = BLOCK_N // 2
-    g_a = tl.full([BLOCK_M, H], float("-inf"), tl.float32)
-    g_b = tl.full([BLOCK_M, H], float("-inf"), tl.float32)
-    t = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    n_begin = split * TILES_PER_SPLIT * BLOCK_N
-    n_end = tl.minimum(n_begin + TILES_PER_SPLIT * BLOCK_N, N)
-    for n0 in range(n_begin, n_end, BLOCK_N):
-        cols_a = n0 + tl.arange(0, H)
-        cols_b = cols_a + H
-        z_a, z_b = _z_halves(xc_rows, row_mask, w_ptr, b_enc_ptr, cols_a, cols_b, D, N,
-                             DOT_PRECISION, BLOCK_M, H, BLOCK_K)  # fmt: skip
-        _append_candidates(z_a, t, cols_a, rows, row_mask, key_rows, count_ptr, CAP)
-        g_a = tl.maximum(g_a, z_a)
-        _append_candidates(z_b, t, cols_b, rows, row_mask, key_rows, count_ptr, CAP)
-        g_b = tl.maximum(g_b, z_b)
-        tile = (n0 - n_begin) // BLOCK_N
-        if (tile < WARMUP) | (tile % REFRESH == 0):  # for the next tile; z is dead here
-            t = _raise_threshold(g_a, g_b, t, K_PAD, STEPS)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    z = _z_tile(xc_ptr + rows[:, None].to(tl.int64) * D, row_mask, w_ptr, b_enc_ptr, cols,
+                cols < N, D, N, EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    C: tl.constexpr = BLOCK_N // CHUNK
+    z3 = tl.reshape(z, [BLOCK_M, C, CHUNK])
+    pos = tl.arange(0, CHUNK)[None, None, :]
+    chunks = tl.program_id(1) * C + tl.arange(0, C)
+    mask = row_mask[:, None] & (chunks < N_CHUNKS)[None, :]
+    offs = rows[:, None].to(tl.int64) * (TOP * N_CHUNKS) + chunks[None, :]
+    for t in tl.static_range(TOP):
+        m, i = tl.max(z3, axis=2, return_indices=True)
+        keys = pack_keys(m, chunks[None, :] * CHUNK + i)
+        tl.store(key_ptr + offs + t * N_CHUNKS, keys, mask=mask)
+        z3 = tl.where(pos == i[:, :, None], float("-inf"), z3)
+    bound_offs = rows[:, None].to(tl.int64) * N_CHUNKS + chunks[None, :]
+    tl.store(bound_ptr + bound_offs, tl.max(z3, axis=2), mask=mask)
 
 
 @triton.jit
 def _select_kernel(
-    cand_key_ptr,
-    count_ptr,
+    key_ptr,
+    bound_ptr,
+    flag_ptr,
     val_ptr,
     idx_ptr,
     B,
-    CAP,
+    N_KEYS,
+    N_BOUND,
     K: tl.constexpr,
     K_PAD: tl.constexpr,
+    OVERFLOW: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """values/indices of the exact top-k of each row's candidates; overflowed rows are left."""
+    """values/indices of the top-k of each row's N_KEYS keys (bitonic merge).
+
+    First pass: every row; flag[r] = 1, and the row is left unwritten, when an entry outside the
+    keys may belong to the top-k: some bound >= the k-th key's value, or no k finite keys.
+    OVERFLOW pass: only the flagged rows, whose keys are the exact pass's partial top-ks."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < B
-    count = tl.load(count_ptr + rows, mask=row_mask, other=0)
-    n_valid = tl.minimum(count, CAP)
-    cand_rows = rows[:, None].to(tl.int64) * CAP
+    if OVERFLOW:
+        active = (tl.load(flag_ptr + rows, mask=row_mask, other=0) != 0) & row_mask
+    else:
+        active = row_mask
+    n_stop = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, N_KEYS, 0)
+    key_rows = key_ptr + rows[:, None].to(tl.int64) * N_KEYS
     run = tl.full([BLOCK_M, K_PAD], INT64_MIN, tl.int64)
-    for c0 in range(0, tl.max(n_valid, axis=0), BLOCK_N):
+    for c0 in range(0, n_stop, BLOCK_N):
         slots = c0 + tl.arange(0, BLOCK_N)
-        mask = slots[None, :] < n_valid[:, None]
-        keys = tl.load(cand_key_ptr + cand_rows + slots[None, :], mask=mask, other=INT64_MIN)
-        run = merge_topk(run, keys, K_PAD)
-    store_topk(run, tl.where(count > CAP, B, rows), B, val_ptr, idx_ptr, K, K_PAD)
+        mask = active[:, None] & (slots < N_KEYS)[None, :]
+        run = merge_topk(run, tl.load(key_rows + slots[None, :], mask=mask, other=INT64_MIN), K_PAD)
+    if OVERFLOW:
+        write = active
+    else:
+        kth = tl.sum(tl.where(tl.arange(0, K_PAD)[None, :] == K - 1, run, 0), axis=1)
+        v_k = unpack_keys(kth)[0]
+        b_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        bound_rows = bound_ptr + rows[:, None].to(tl.int64) * N_BOUND
+        for c0 in range(0, N_BOUND, BLOCK_N):
+            slots = c0 + tl.arange(0, BLOCK_N)
+            mask = row_mask[:, None] & (slots < N_BOUND)[None, :]
+            b = tl.load(bound_rows + slots[None, :], mask=mask, other=float("-inf"))
+            b_max = tl.maximum(b_max, tl.max(b, axis=1))
+        over = (kth == INT64_MIN) | (b_max >= v_k)
+        tl.store(flag_ptr + rows, over.to(tl.int32), mask=row_mask)
+        write = row_mask & ~over
+    store_topk(run, tl.where(write, rows, B), B, val_ptr, idx_ptr, K, K_PAD)
 
 
 @triton.jit
@@ -259,49 +217,84 @@ def _overflow_kernel(
     xc_ptr,
     w_ptr,
     b_enc_ptr,
-    count_ptr,
-    val_ptr,
-    idx_ptr,
+    flag_ptr,
+    part_ptr,
     B,
     D,
     N,
-    CAP,
-    K: tl.constexpr,
+    TILES_PER_SPLIT,
     K_PAD: tl.constexpr,
+    EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Exact top-k (streaming bitonic merge over all of z) of the rows whose buffer overflowed;
-    runs no tile when none of its rows did."""
+    """The exact pass: part[r, s] = the top K_PAD keys of all of z[r] in column split s, for the
+    flagged rows (streaming bitonic merge); a program with no flagged row runs no tile."""
+    split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < B
-    over = (tl.load(count_ptr + rows, mask=row_mask, other=0) > CAP) & row_mask
-    n_stop = tl.where(tl.max(over.to(tl.int32), axis=0) > 0, N, 0)
+    flagged = (tl.load(flag_ptr + rows, mask=row_mask, other=0) != 0) & row_mask
+    n_begin = split * TILES_PER_SPLIT * BLOCK_N
+    n_end = tl.minimum(n_begin + TILES_PER_SPLIT * BLOCK_N, N)
+    n_end = tl.where(tl.max(flagged.to(tl.int32), axis=0) > 0, n_end, n_begin)
     xc_rows = xc_ptr + rows[:, None].to(tl.int64) * D
     run = tl.full([BLOCK_M, K_PAD], INT64_MIN, tl.int64)
-    for n0 in range(0, n_stop, BLOCK_N):
+    for n0 in range(n_begin, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        z = _z_tile(xc_rows, over, w_ptr, b_enc_ptr, cols, col_mask, D, N,
+        z = _z_tile(xc_rows, flagged, w_ptr, b_enc_ptr, cols, col_mask, D, N, EVEN_K,
                     DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-        keys = tl.where(over[:, None] & col_mask[None, :], pack_keys(z, cols[None, :]), INT64_MIN)
+        keys = tl.where(
+            flagged[:, None] & col_mask[None, :], pack_keys(z, cols[None, :]), INT64_MIN
+        )
         run = merge_topk(run, keys, K_PAD)
-    store_topk(run, tl.where(over, rows, B), B, val_ptr, idx_ptr, K, K_PAD)
+    slots = tl.arange(0, K_PAD)
+    offs = (
+        rows[:, None].to(tl.int64) * (tl.num_programs(1) * K_PAD) + split * K_PAD + slots[None, :]
+    )
+    tl.store(part_ptr + offs, run, mask=flagged[:, None])
 
 
-def _expected_candidates(n_split: int, k_pad: int, block_n: int) -> float:
-    """Candidates per row and split for i.i.d. columns: k·(1 + ln(n_split / BLOCK_N))."""
-    return k_pad * (1 + math.log(max(1.0, n_split / block_n)))
+def chunk_size(n: int, k: int, block_n: int) -> int:
+    """Columns per chunk: the largest power of two (8 to BLOCK_N) whose expected share of rows
+    with more than TOP of their top-k in one chunk, C(k, TOP+1) / n_chunks^TOP for i.i.d.
+    columns, is at most MAX_OVERFLOW_RATE (128 at (n, k) = (32768, 32): 5e-5 of the rows)."""
+    chunk = block_n
+    while chunk > 8:
+        n_chunks = triton.cdiv(n, chunk)
+        if math.comb(k, TOP + 1) <= MAX_OVERFLOW_RATE * n_chunks**TOP:
+            break
+        chunk //= 2
+    return chunk
 
 
-def _fused_config(k_pad: int, fp32: bool) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the candidate kernel."""
-    if is_interpreting():  # small tiles: fast there, and they exercise refreshes and splits
+def _fused_config(fp32: bool) -> tuple[int, int, int, int, int, int | None]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, maxnreg) of the chunks kernel."""
+    if is_interpreting():  # small tiles: fast there, and several tiles and chunks per row
+        return 16, 32, 16, 4, 1, None
+    # sm_90 ptxas: 128 x 128 x 64 bf16, 8 warps, capped at 128 registers (138 uncapped) without
+    # spills, 97 KiB of shared memory: two CTAs per SM, one's epilogue under the other's MMA.
+    # fp32 (tf32x3, BLOCK_K 16) spills under the cap; its MMA time dwarfs the epilogue anyway.
+    if fp32:
+        return GPU_BLOCK_M, GPU_BLOCK_N, 16, 8, 3, None
+    return GPU_BLOCK_M, GPU_BLOCK_N, 64, 8, 3, 128
+
+
+def _select_config(k_pad: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the select kernel."""
+    block_n = max(k_pad, 64 if is_interpreting() else 256)
+    block_m = max(1, min(2048 // block_n, 8))
+    return block_m, block_n, 4 if block_m * block_n <= 2048 else 8
+
+
+def _overflow_config(k_pad: int, fp32: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the exact pass: 16 rows, since
+    few rows are flagged; 8 warps from k_pad = 64 on (4 spill 24-32 bytes on sm_90)."""
+    if is_interpreting():
         return 16, max(32, k_pad), 16, 4, 1
-    # 64 x 128 with 8 warps spills least under ptxas for sm_90 (ptxas -v).
-    return 64, max(128, k_pad), 16 if fp32 else 64, 8, 3
+    return 16, max(128, k_pad), 16 if fp32 else 64, 4 if k_pad <= 32 else 8, 2
 
 
 def _launch_encode_topk(
@@ -311,87 +304,67 @@ def _launch_encode_topk(
     k: int,
     values: torch.Tensor,
     indices: torch.Tensor,
-    capacity: int | None = None,
-    warmup: int = WARMUP,
-    refresh: int = REFRESH,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Fused top-k of xc @ W + b_enc into values/indices ([B, k]); xc [B, d] in W's dtype,
-    W [d, N] contiguous, k_pad <= MAX_FUSED_K. ``capacity``: candidate slots per row (default
-    about three times the expected count). Returns the candidates per row ([B] int32; a row
-    with more than ``capacity`` went through the overflow kernel)."""
+    W [d, N] contiguous, k_pad <= MAX_FUSED_K. ``chunk``: columns per chunk (default
+    chunk_size). Returns the flags ([B] int32; 1: the row went through the exact pass)."""
     B, d = xc.shape
     N = W.shape[1]
     k_pad = triton.next_power_of_2(k)
     fp32 = W.dtype == torch.float32
-    block_m, block_n, block_k, num_warps, num_stages = _fused_config(k_pad, fp32)
     precision = "tf32x3" if fp32 else "tf32"
-    n_tiles = triton.cdiv(N, block_n)
-    row_blocks = triton.cdiv(B, block_m)
-    if is_interpreting():
-        splits = min(2, n_tiles)
-    else:  # two programs per SM
-        sms = torch.cuda.get_device_properties(xc.device).multi_processor_count
-        splits = min(n_tiles, max(1, triton.cdiv(2 * sms, row_blocks)))
-    tiles_per_split = triton.cdiv(n_tiles, splits)
+    block_m, block_n, block_k, num_warps, num_stages, maxnreg = _fused_config(fp32)
+    chunk = chunk or chunk_size(N, k, block_n)
+    n_chunks = triton.cdiv(N, chunk)
+    keys = torch.empty(B, TOP * n_chunks, device=xc.device, dtype=torch.int64)
+    bound = torch.empty(B, n_chunks, device=xc.device, dtype=torch.float32)
+    _encode_chunks_kernel[(triton.cdiv(B, block_m), triton.cdiv(N, block_n))](
+        xc, W, b_enc, keys, bound, B, d, N, n_chunks, TOP=TOP, CHUNK=chunk,
+        EVEN_K=d % block_k == 0, DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
+    )  # fmt: skip
+    flags = torch.empty(B, device=xc.device, dtype=torch.int32)
+    sel_m, sel_n, sel_warps = _select_config(k_pad)
+    select = _select_kernel[(triton.cdiv(B, sel_m),)]
+    select(
+        keys, bound, flags, values, indices, B, TOP * n_chunks, n_chunks, K=k, K_PAD=k_pad,
+        OVERFLOW=False, BLOCK_M=sel_m, BLOCK_N=sel_n, num_warps=sel_warps,
+    )  # fmt: skip
+    fb_m, fb_n, fb_k, fb_warps, fb_stages = _overflow_config(k_pad, fp32)
+    n_tiles = triton.cdiv(N, fb_n)
+    tiles_per_split = triton.cdiv(n_tiles, min(n_tiles, OVERFLOW_SPLITS))
     splits = triton.cdiv(n_tiles, tiles_per_split)
-    if capacity is None:
-        per_split = _expected_candidates(tiles_per_split * block_n, k_pad, block_n)
-        capacity = min(N, triton.next_power_of_2(int(3 * splits * per_split)))
-    counts = torch.zeros(B, device=xc.device, dtype=torch.int32)
-    cand_key = torch.empty(B, capacity, device=xc.device, dtype=torch.int64)
-    _encode_candidates_kernel[(row_blocks, splits)](
-        xc, W, b_enc, cand_key, counts, B, d, N, tiles_per_split, capacity, K_PAD=k_pad,
-        WARMUP=warmup, REFRESH=refresh, STEPS=STEPS, DOT_PRECISION=precision, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+    part = torch.empty(B, splits * k_pad, device=xc.device, dtype=torch.int64)
+    _overflow_kernel[(triton.cdiv(B, fb_m), splits)](
+        xc, W, b_enc, flags, part, B, d, N, tiles_per_split, K_PAD=k_pad,
+        EVEN_K=d % fb_k == 0, DOT_PRECISION=precision, BLOCK_M=fb_m, BLOCK_N=fb_n,
+        BLOCK_K=fb_k, num_warps=fb_warps, num_stages=fb_stages,
     )  # fmt: skip
-    sel_n = max(k_pad, 64 if is_interpreting() else 256)
-    sel_m = max(1, min(triton.next_power_of_2(B), 2048 // sel_n, 8))
-    _select_kernel[(triton.cdiv(B, sel_m),)](
-        cand_key, counts, values, indices, B, capacity, K=k, K_PAD=k_pad,
-        BLOCK_M=sel_m, BLOCK_N=sel_n, num_warps=4 if sel_m * sel_n <= 2048 else 8,
+    select(
+        part, bound, flags, values, indices, B, splits * k_pad, 0, K=k, K_PAD=k_pad,
+        OVERFLOW=True, BLOCK_M=sel_m, BLOCK_N=sel_n, num_warps=sel_warps,
     )  # fmt: skip
-    fb_m = 16 if is_interpreting() else 64
-    fb_n = max(block_n, k_pad) if is_interpreting() else max(128, k_pad)
-    _overflow_kernel[(triton.cdiv(B, fb_m),)](
-        xc,
-        W,
-        b_enc,
-        counts,
-        values,
-        indices,
-        B,
-        d,
-        N,
-        capacity,
-        K=k,
-        K_PAD=k_pad,
-        DOT_PRECISION=precision,
-        BLOCK_M=fb_m,
-        BLOCK_N=fb_n,
-        BLOCK_K=block_k,
-        num_warps=4 if is_interpreting() else 8,
-        num_stages=2 if fp32 else num_stages,
-    )  # fmt: skip  (3 stages spill 12 bytes in fp32 at k_pad = 64 under ptxas for sm_90)
-    return counts
+    return flags
 
 
-def pick_backend(B: int, d: int, n: int, k: int) -> str:
-    """ "fused" or "dense" for a shape: an ESTIMATE until a GPU measures both paths.
+def pick_backend(B: int, d: int, n: int, k: int, fp32: bool = False) -> str:
+    """ "fused" or "dense" for a shape and W_enc dtype: an ESTIMATE until a GPU measures both.
 
-    Dense: one cuBLAS GEMM at ~700 TFLOP/s, plus writing z and torch.topk reading it (about
-    three passes over B·n bf16 elements at ~2.5 TB/s). Fused: its GEMM at ~80% of cuBLAS's rate,
-    stretched by the integer work of the selection, which the sm_90 SASS of the candidates
-    kernel puts at (0.74 + 2700/d) times the MMA clocks per tile in bf16
-    (bench/results/hopper_compile.md: 4.3x at d = 768, 2.1x at d = 2048), with no overlap of
-    the two assumed. On that estimate dense wins at every d (fused would need the ratio under
-    ~1.1), so "auto" picks dense; fused stays selectable, and dense is forced where k_pad
-    exceeds MAX_FUSED_K."""
+    Dense: one cuBLAS GEMM at ~700 TFLOP/s (TF32 at half that for fp32), plus writing z and
+    torch.topk reading it (about three passes over B·n bf16 elements at ~2.5 TB/s). Fused: the
+    chunks kernel's GEMM at ~80% of cuBLAS's rate (its integer work fits under its MMA on the
+    sm_90 SASS estimate, bench/results/hopper_compile.md), tf32x3 (three passes) for fp32,
+    plus the select kernel at ~18 ps per key (TOP keys per chunk; the same estimate). On it
+    fused wins in bf16 at (768, 32768, 32) and (2048, 65536, 64) and dense in fp32; dense
+    also where k_pad exceeds MAX_FUSED_K or n is small."""
     k_pad = triton.next_power_of_2(k)
     if k_pad > MAX_FUSED_K or n < 4096:
         return "dense"
-    gemm_s = 2 * B * d * n / 700e12
-    fused_s = gemm_s / 0.8 * max(1.0, 0.74 + 2700 / d) + 3 * 5e-6
+    gemm_s = 2 * B * d * n / (350e12 if fp32 else 700e12)
     dense_s = gemm_s + 6 * B * n / 2.5e12 + 5e-6
+    keys = TOP * triton.cdiv(n, chunk_size(n, k, GPU_BLOCK_N))
+    fused_s = gemm_s / 0.8 * (6 if fp32 else 1) + B * keys * 18e-12 + 4 * 5e-6
     return "fused" if fused_s < dense_s else "dense"
 
 
@@ -426,7 +399,7 @@ def encode_topk_forward(
     B, d = x.shape
     n = W_enc.shape[1]
     if backend == "auto":
-        backend = pick_backend(B, d, n, k)
+        backend = pick_backend(B, d, n, k, W_enc.dtype == torch.float32)
     xc = (x.float() - b_dec.float()).to(W_enc.dtype)
     if backend == "dense":
         z = torch.addmm(b_enc.to(W_enc.dtype), xc, W_enc)

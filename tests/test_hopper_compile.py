@@ -38,9 +38,10 @@ def test_every_kernel_compiles_for_hopper(tmp_path):
     for module, kernel in hc.discover_kernels():
         assert any(row.startswith(f"| {module}.{kernel} |") for row in rows), kernel
     estimates = table.split("## encode_topk")[1].split("## Failures")[0]
-    n_encode = sum(case.kernel == "_encode_candidates_kernel" for case in hc.all_cases())
-    assert n_encode >= len(hc.SHAPES) * len(hc.DTYPES)
+    n_encode = len(hc.SHAPES) * len(hc.DTYPES)  # one chunks-kernel row per shape and dtype
     assert sum(line.startswith("| xc:") for line in estimates.splitlines()) == n_encode
+    fused = [line for line in estimates.splitlines() if line.startswith(("| bf16 d=", "| fp32 d="))]
+    assert len(fused) == n_encode, estimates
 
 
 def _record(**kw):
@@ -70,7 +71,7 @@ def test_check_flags_each_overrun(fields, reason):
 def test_discovery_finds_kernels_not_helpers():
     found = hc.discover_kernels()
     names = {name for _, name in found}
-    assert {"_topk_kernel", "_encode_candidates_kernel", "_gather_sum_kernel"} <= names
+    assert {"_topk_kernel", "_encode_chunks_kernel", "_gather_sum_kernel"} <= names
     assert not names & {"pack_keys", "unpack_keys", "merge_topk", "store_topk"}
     assert hc.coverage_problems(hc.all_cases()) == []
 

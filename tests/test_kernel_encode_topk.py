@@ -6,6 +6,9 @@ import torch
 import flashsae.kernels.encode_topk_kernels as encode_topk_kernels
 from flashsae.kernels import encode_topk
 from flashsae.kernels.encode_topk_kernels import (
+    MAX_OVERFLOW_RATE,
+    TOP,
+    chunk_size,
     encode_topk_forward,
     encode_topk_reference,
     pick_backend,
@@ -89,14 +92,14 @@ def test_encode_topk_fp32(fn, B, d, n, k, shift):
 
 
 def _launch(x, W_enc, b_enc, b_dec, k, **kwargs):
-    """The fused launcher on fp32 inputs: (values, indices, candidates per row)."""
+    """The fused launcher on fp32 inputs: (values, indices, flags of the rows of the exact pass)."""
     values = torch.empty(x.shape[0], k, dtype=W_enc.dtype)
     indices = torch.empty(x.shape[0], k, dtype=torch.int32)
     with poison_outputs():
-        counts = encode_topk_kernels._launch_encode_topk(
+        flags = encode_topk_kernels._launch_encode_topk(
             x - b_dec, W_enc, b_enc, k, values, indices, **kwargs
         )
-    return values, indices, counts
+    return values, indices, flags
 
 
 def _assert_exact(x, W_enc, b_enc, b_dec, values, indices):
@@ -104,73 +107,74 @@ def _assert_exact(x, W_enc, b_enc, b_dec, values, indices):
     assert_valid_selection(z, values, indices, 1e-6)
 
 
-def test_candidates_skip_most_columns():
-    """i.i.d. columns: after the warm-up few entries beat the running threshold, and the
-    selection from the candidates alone is exact (no row overflows)."""
-    B, d, n, k = 4, 16, 1024, 4
+def test_chunk_candidates_suffice_for_iid_columns():
+    """i.i.d. columns: no row has more than TOP of its top-k in one chunk, so the TOP largest
+    entries per chunk hold the exact answer and no row goes through the exact pass."""
+    B, d, n, k = 8, 16, 1024, 4
     x, W_enc, b_enc, b_dec = _inputs(B, d, n, torch.float32, DEVICE)
-    values, indices, counts = _launch(x, W_enc, b_enc, b_dec, k, capacity=n, warmup=2, refresh=3)
+    values, indices, flags = _launch(x, W_enc, b_enc, b_dec, k)
     _assert_exact(x, W_enc, b_enc, b_dec, values, indices)
-    assert (counts >= 2 * k).all()  # each of the two splits keeps at least k_pad entries
-    assert counts.float().mean() < n / 6, f"threshold skips too little: {counts.tolist()}"
+    assert (flags == 0).all(), flags.tolist()
 
 
-@pytest.mark.parametrize("warmup, refresh, steps", [(1, 1, 8), (0, 100, 8), (3, 2, 1), (2, 1, 30)])
-def test_refresh_schedules_are_exact(warmup, refresh, steps, monkeypatch):
-    """Any refresh schedule and number of bisection steps gives the exact top-k (a stale or
-    coarse threshold only admits more; 30 steps reach the K_PAD-th group maximum itself)."""
-    monkeypatch.setattr(encode_topk_kernels, "STEPS", steps)
-    B, d, n, k = 5, 12, 400, 8
-    x, W_enc, b_enc, b_dec = _inputs(B, d, n, torch.float32, DEVICE)
-    kw = {"capacity": n, "warmup": warmup, "refresh": refresh}
-    values, indices, counts = _launch(x, W_enc, b_enc, b_dec, k, **kw)
-    _assert_exact(x, W_enc, b_enc, b_dec, values, indices)
-    assert (counts <= n).all()
+def test_chunk_size_keeps_exact_pass_rare():
+    """C(k, TOP+1) / n_chunks^TOP <= MAX_OVERFLOW_RATE, chunks of 8 columns to a tile's width."""
+    assert chunk_size(32768, 32, 128) == 128
+    assert chunk_size(65536, 64, 128) == 128
+    assert chunk_size(32768, 256, 128) == 8  # large k: small chunks, more keys
+    assert chunk_size(32768, 32, 16) == 16  # never wider than a tile
+    for n, k in ((32768, 32), (65536, 64), (4096, 16)):
+        chunks = -(-n // chunk_size(n, k, 128))
+        assert math.comb(k, TOP + 1) <= MAX_OVERFLOW_RATE * chunks**TOP
 
 
-def test_adversarial_rows_overflow_and_stay_exact():
-    """Rows whose z increases with the column beat every threshold and overflow the buffer;
-    they are recomputed by the overflow kernel while the other rows use their candidates."""
+def test_adversarial_rows_take_the_exact_pass():
+    """Rows whose z increases with the column have their whole top-k in the last chunk: the
+    chunk's bound beats the k-th candidate, the row is flagged and recomputed exactly over
+    every column split; the other rows keep their candidates."""
     B, d, n, k = 20, 16, 300, 8
     x, W_enc, b_enc, b_dec = _inputs(B, d, n, torch.float32, DEVICE)
     b_dec.zero_()
     W_enc[0] = torch.arange(n, dtype=torch.float32) / 10  # z ≈ x[:, 0] · col / 10 + noise
     x[:, 0] = 0.0
     x[::3, 0] = 1.0 + torch.rand(len(range(0, B, 3)))  # every third row increasing
-    x[1::7, 0] = -1.0  # decreasing rows: the first tiles hold the answer
-    values, indices, counts = _launch(x, W_enc, b_enc, b_dec, k, capacity=64)
+    x[1::7, 0] = -1.0  # decreasing rows: their top-k in the first chunk
+    values, indices, flags = _launch(x, W_enc, b_enc, b_dec, k, chunk=32)
     _assert_exact(x, W_enc, b_enc, b_dec, values, indices)
-    increasing = x[:, 0] > 0
-    assert (counts[increasing] > 64).all(), counts.tolist()
-    assert (counts[~increasing] <= 64).any(), counts.tolist()
+    extreme = x[:, 0] != 0
+    assert (flags[extreme] == 1).all(), flags.tolist()
+    assert (flags[~extreme] == 0).any(), flags.tolist()
 
 
-def test_all_rows_overflow():
-    """Capacity below k: every row overflows; the result is still the exact top-k."""
-    B, d, n, k = 7, 8, 200, 16
+def test_all_rows_take_the_exact_pass():
+    """Fewer candidates than k (TOP x 7 chunks < 30): every row is flagged and still exact."""
+    B, d, n, k = 7, 8, 200, 30
     x, W_enc, b_enc, b_dec = _inputs(B, d, n, torch.float32, DEVICE)
-    values, indices, counts = _launch(x, W_enc, b_enc, b_dec, k, capacity=4)
+    values, indices, flags = _launch(x, W_enc, b_enc, b_dec, k, chunk=32)
     _assert_exact(x, W_enc, b_enc, b_dec, values, indices)
-    assert (counts > 4).all()
+    assert (flags == 1).all()
 
 
 def test_ties_keep_k_distinct_columns():
-    """Many equal pre-activations (z >= t admits all of them): k distinct tied columns."""
+    """Many equal pre-activations (a tie at the k-th value flags the row): k distinct columns."""
     B, d, n, k = 3, 16, 256, 8
     x = torch.randn(B, d)
     W_enc = torch.zeros(d, n)
     b_enc = torch.zeros(n)
     b_enc[::5] = 1.0
-    values, indices, _ = _launch(x, W_enc, b_enc, torch.zeros(d), k, capacity=n)
+    values, indices, _ = _launch(x, W_enc, b_enc, torch.zeros(d), k)
     assert (values == 1.0).all()
     assert (indices.long() % 5 == 0).all()
     assert (indices.sort(dim=1).values.diff(dim=1) > 0).all()
 
 
 def test_pick_backend_estimate():
-    # the sm_90 SASS estimate puts the fused selection at 4.3x (d 768) and 2.1x (d 2048) the MMA
-    assert pick_backend(8192, 768, 32768, 32) == "dense"
-    assert pick_backend(8192, 2048, 65536, 64) == "dense"
+    # the sm_90 SASS estimate: the chunks kernel is MMA-bound and the select kernel adds about
+    # 18 ps per key; dense pays for writing and reading z
+    assert pick_backend(8192, 768, 32768, 32) == "fused"
+    assert pick_backend(8192, 2048, 65536, 64) == "fused"
+    assert pick_backend(8192, 768, 32768, 32, fp32=True) == "dense"  # tf32x3: three passes
+    assert pick_backend(256, 768, 32768, 32) == "dense"  # launches dominate
     assert pick_backend(8192, 768, 32768, 1024) == "dense"  # k_pad above MAX_FUSED_K
     assert pick_backend(8192, 768, 1024, 32) == "dense"  # tiny n
 
@@ -241,7 +245,7 @@ def test_encode_topk_launcher_errors(change, match):
     [
         (4096, 768, 32768, 32),
         (4096, 2048, 65536, 64),
-        (16, 768, 32768, 32),  # few rows: many latent splits
+        (16, 768, 32768, 32),  # few rows: one ragged row block
         (1000, 512, 20000, 128),  # ragged rows and latents, larger k
     ],
 )
@@ -251,7 +255,7 @@ def test_encode_topk_gpu(backend, dtype, tol, B, d, n, k):
 
 @pytest.mark.gpu
 def test_encode_topk_gpu_adversarial():
-    """Half the rows increasing with the column: they overflow and must still be exact."""
+    """Half the rows increasing with the column: they take the exact pass and must be exact."""
     B, d, n, k = 512, 768, 32768, 32
     x, W_enc, b_enc, b_dec = _inputs(B, d, n, torch.bfloat16, "cuda")
     W_enc[0] = (torch.arange(n, device="cuda") / n).bfloat16()

@@ -161,7 +161,9 @@ class ShardedSAE(nn.Module):
     @torch.no_grad()
     def from_sae(cls, sae: SAE, group: dist.ProcessGroup | None = None) -> ShardedSAE:
         """This rank's shard of ``sae`` (on ``sae``'s device): the slices of its weights."""
-        shard = SHARDED_CLASSES[sae.cfg.arch](sae.cfg, group).to(sae.W_dec.device)
+        with torch.device("meta"):  # no init drawn: the weights are copied in
+            shard = SHARDED_CLASSES[sae.cfg.arch](sae.cfg, group)
+        shard = shard.to_empty(device=sae.W_dec.device)
         lo, hi = shard.offset, shard.offset + shard.n_local
         for name, tensor in shard.state_dict().items():
             full = sae.state_dict()[name]
@@ -394,14 +396,14 @@ def gather_state_dict(shard: ShardedSAE) -> dict[str, torch.Tensor] | None:
         if dim is None:
             out[name] = tensor.cpu().clone()
             continue
-        pieces = [tensor.cpu().clone()]
+        if rank != 0:
+            dist.send(tensor.contiguous(), dst=_global(group, 0), group=group)
+            continue
+        pieces = [tensor.cpu()]
         for src in range(1, world):
-            if rank == src:
-                dist.send(tensor.contiguous(), dst=_global(group, 0), group=group)
-            elif rank == 0:
-                piece = torch.empty_like(tensor)
-                dist.recv(piece, src=_global(group, src), group=group)
-                pieces.append(piece.cpu())
+            piece = torch.empty_like(tensor)
+            dist.recv(piece, src=_global(group, src), group=group)
+            pieces.append(piece.cpu())
         out[name] = torch.cat(pieces, dim)
     return out if rank == 0 else None
 

@@ -9,6 +9,7 @@ import os
 import queue
 import random
 import traceback
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -195,15 +196,21 @@ def test_forward_loss_and_gradients_match(ranks, tmp_path):
     ranks.run(_check_step, tmp_path)
 
 
-class _Batches:
-    """The trainer's loader: batch i is fixed by (seed, i)."""
+class _Crash(Exception):
+    pass
 
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
+
+class _Batches:
+    """The trainer's loader: batch i is fixed by (seed, i); with ``crash_at``, a crash there."""
+
+    def __init__(self, seed: int, crash_at: int | None = None) -> None:
+        self.seed, self.crash_at = seed, crash_at
 
     def batches(self, start: int = 0):
         i = start
         while True:
+            if i == self.crash_at:
+                raise _Crash
             gen = torch.Generator().manual_seed(self.seed * 1009 + i)
             yield 3 * torch.randn(B, D, generator=gen) + 1
             i += 1
@@ -225,6 +232,22 @@ def _check_training_of(group, tmp: Path, seed: int, arch: str) -> None:
     assert member.sae.dead_budget == ref.sae.dead_budget > 0, arch  # AuxK was on
     assert torch.equal(member.last_fired, ref.last_fired), arch
     assert member.opt.state[shard.W_enc]["exp_avg"].shape == (D, N // WORLD)  # local Adam
+    # the trainer's resume, one state file per rank: crash after step 4's save, resume, finish
+    state = tmp / arch / f"train_state.rank{dist.get_rank(group)}.pt"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    saving = replace(cfg, checkpoint_every=4)
+    crashed = SAETraining(
+        ShardedSAE.from_sae(_unsharded(arch, seed), group), saving, NullLogger(), state
+    )
+    with pytest.raises(_Crash):
+        train_many([crashed], _Batches(seed, crash_at=5))
+    resumed = SAETraining(
+        ShardedSAE.from_sae(_unsharded(arch, seed), group), saving, NullLogger(), state
+    )
+    assert resumed.first == 4
+    train_many([resumed], _Batches(seed))
+    for name, t in member.sae.state_dict().items():
+        assert torch.equal(resumed.sae.state_dict()[name], t), f"{arch} resumed {name}"
     gathered = gather_sae(shard)
     folder = tmp / arch
     save_sharded(shard, folder / "sharded", "fp32")

@@ -84,11 +84,11 @@ class _Ranks:
 
 def _serve(rank: int, rendezvous: Path, tasks, results) -> None:
     """A rank's loop: run the tasks of ``_Ranks.run`` until None; report "" or a traceback."""
+    timeout = timedelta(seconds=60)  # a rank left waiting by a failed one errs out
     dist.init_process_group(
-        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )  # fmt: skip
-    group = dist.new_group(list(range(WORLD)))
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD, timeout=timeout
+    )
+    group = dist.new_group(list(range(WORLD)), timeout=timeout)
     while (task := tasks.get()) is not None:
         fn, tmp, seed = task
         try:
@@ -223,7 +223,9 @@ def _check_training(group, tmp: Path, seed: int) -> None:
 
 
 def _check_training_of(group, tmp: Path, seed: int, arch: str) -> None:
-    cfg = TrainConfig(tokens=6 * B, batch_size=B, lr=1e-2, dead_window=2 * B, log_every=2)
+    # log_every=1: the AuxK budget is refreshed every step, so it covers the dead latents (a
+    # stale one makes the unsharded SAE pick an arbitrary subset of them, see sharded.py)
+    cfg = TrainConfig(tokens=6 * B, batch_size=B, lr=1e-2, dead_window=2 * B, log_every=1)
     sae = _unsharded(arch, seed)
     shard = ShardedSAE.from_sae(sae, group)
     ref, member = SAETraining(sae, cfg, NullLogger()), SAETraining(shard, cfg, NullLogger())

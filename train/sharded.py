@@ -32,7 +32,10 @@ mask and returns the full [n] fired mask, computed on every rank from the gather
 ``SAETraining`` drives a ``ShardedSAE`` as it drives an ``SAE``. The AuxK budget the trainer
 sets from the full dead count is then the same on every rank (a shard gathers min(budget, n/N)
 columns, its dead ones first); ``dead_budget`` None (exact) takes the largest dead count of the
-shards by an all-reduce, so the collectives' shapes agree.
+shards by an all-reduce, so the collectives' shapes agree. A budget that covers the dead latents
+gives exactly the unsharded AuxK; a stale one (more latents died since the trainer set it) makes
+the unsharded SAE take an arbitrary ``budget`` of its dead latents and a shard up to ``budget``
+of its own, so the two differ then (both approximate the exact AuxK).
 
 Checkpoints: ``gather_sae`` assembles the unsharded SAE on rank 0 (rank by rank, one shard in
 flight), and ``save_sharded`` writes it with ``save_sae``: the one-file layout that ``load_sae``,
@@ -129,6 +132,8 @@ class ShardedSAE(nn.Module):
 
     base: type[SAE]  # the unsharded architecture: its name, optimizer settings, checkpoint class
     dead_budget: int | None = None  # AuxK columns per shard (``dead_columns``); set by the trainer
+    # the trainer's clip_grad_norm_ would see one shard's gradients; none of these archs clips
+    grad_clip: float | None = None
 
     def __init__(
         self,
@@ -147,8 +152,9 @@ class ShardedSAE(nn.Module):
         if not 1 <= cfg.k <= cfg.n_latents:
             raise ValueError(f"k must be in [1, n_latents={cfg.n_latents}], got {cfg.k}")
         self.cfg, self.group = cfg, group
-        self.adam_betas, self.grad_clip = self.base.adam_betas, self.base.grad_clip
-        self.lr_decay_frac = self.base.lr_decay_frac
+        if self.base.grad_clip is not None:
+            raise ValueError(f"{self.base.arch!r} clips gradients, which needs their global norm")
+        self.adam_betas, self.lr_decay_frac = self.base.adam_betas, self.base.lr_decay_frac
         self.n_local = cfg.n_latents // world
         self.offset = rank * self.n_local
         w_dec = torch.randn(self.n_local, cfg.d, generator=generator)
@@ -367,7 +373,7 @@ def make_sharded_sae(
     rank r draws its n/N decoder rows from a generator seeded with seed·N + r, so the weights
     depend on the seed and the number of ranks. On the CPU."""
     if arch not in SHARDED_CLASSES:
-        raise ValueError(f"--shard-latents supports {sorted(SHARDED_CLASSES)}, not {arch!r}")
+        raise ValueError(f"latent sharding supports {sorted(SHARDED_CLASSES)}, not {arch!r}")
     d = mean.shape[0]
     config = SAEConfig(
         arch=arch,

@@ -1,7 +1,8 @@
 """Latent-sharded SAEs (``flashsae.train.sharded``) on 2 gloo ranks against the unsharded SAE
 built from the same weights: x̂, loss, fired latents and every gradient (gathered), a few
-trainer steps, the gathered checkpoint. Each test spawns the ranks; a rank's assertion error
-fails the test with its traceback. Inputs are fresh random draws (the seed is printed)."""
+trainer steps and a resume, the gathered checkpoint. The tests share one pool of spawned ranks
+(``_Ranks``); a rank's assertion error fails the test with its traceback. Inputs are fresh
+random draws (the seed is printed)."""
 
 import contextlib
 import json

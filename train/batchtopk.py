@@ -30,6 +30,15 @@ THRESHOLD_DECAY = 0.99
 MATRYOSHKA_FRACTIONS = (16, 8, 4, 2, 1)  # prefix m = n // fraction
 
 
+@torch.no_grad()
+def ema_threshold_(theta: torch.Tensor, min_kept: torch.Tensor) -> None:
+    """EMA step of θ (in place) towards ``min_kept``; θ = 0 means unset, and takes ``min_kept``
+    as is. A batch without a positive kept value (min_kept = 0) leaves θ unchanged."""
+    m = min_kept.float()
+    new = torch.where(theta > 0, theta + (1 - THRESHOLD_DECAY) * (m - theta), m)
+    theta.copy_(torch.where(m > 0, new, theta))
+
+
 @register("batchtopk")
 class BatchTopKSAE(SAE):
     saelens = SAELensLayout(
@@ -50,14 +59,6 @@ class BatchTopKSAE(SAE):
         z = self.preactivations(x)
         return torch.where(z > self.threshold, z, 0)
 
-    @torch.no_grad()
-    def update_threshold(self, min_kept: torch.Tensor) -> None:
-        """EMA step of θ towards ``min_kept``; θ = 0 means unset, and takes ``min_kept`` as is.
-        A batch without a positive kept value (min_kept = 0) leaves θ unchanged."""
-        theta, m = self.threshold, min_kept.float()
-        new = torch.where(theta > 0, theta + (1 - THRESHOLD_DECAY) * (m - theta), m)
-        theta.copy_(torch.where(m > 0, new, theta))
-
     def reconstruction_loss(
         self, x: torch.Tensor, f: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -71,7 +72,7 @@ class BatchTopKSAE(SAE):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         z = self.preactivations(x)
         f, min_kept = batch_topk(z, self.cfg.k)
-        self.update_threshold(min_kept)
+        ema_threshold_(self.threshold, min_kept)
         rec, x_hat, extra = self.reconstruction_loss(x, f)
         aux = auxk_loss(
             x - self.b_dec, (x - x_hat).detach(), self.W_enc, self.b_enc, self.W_dec,

@@ -117,7 +117,6 @@ def prepare(cfg: RunConfig, subject: Subject | None = None) -> RunData:
     cfg = resolved(cfg, subject)
     torch.manual_seed(cfg.seed)
     if cfg.cache is None:
-        model = subject.load(device)
         settings = cache_settings(
             subject,
             [cfg.site],
@@ -127,15 +126,31 @@ def prepare(cfg: RunConfig, subject: Subject | None = None) -> RunData:
             cfg.seed,
             text_field=cfg.text_field,
         )
+    else:
+        if not cfg.cache.exists():
+            raise UserError(f"--cache {cfg.cache} does not exist; omit --cache to build one")
+        manifest = open_cache(cfg.cache, cfg.site)
+        check_cache_model(manifest, cfg.cache, subject, cfg.allow_other_model)
+        settings = manifest["settings"]
+        if settings.get("text") is not None and "held_out" not in settings and not cfg.eval_text:
+            raise UserError(
+                f"{cfg.cache} was built from --text {settings['text']} before held-out splits "
+                "existed: it holds the documents the evaluation would hold out; rebuild it "
+                "(omit --cache) or name evaluation text with --eval-text"
+            )
+    eval_data = default_eval_data(cfg, settings)
+    # made first, so that a held-out split too small to evaluate on fails before any work
+    eval_seqs = subject.sequences(
+        eval_data.split, cfg.eval_tokens, cfg.seq_len, cfg.seed, eval_data.text,
+        eval_data.text_field,
+    ).tokens  # fmt: skip
+    model = subject.load(device)
+    if cfg.cache is None:
         cache = default_cache_dir(settings)
         print(f"activation cache: {cache}")
         manifest = build(subject, model, settings, cache)
     else:
-        if not cfg.cache.exists():
-            raise UserError(f"--cache {cfg.cache} does not exist; omit --cache to build one")
-        cache, manifest = cfg.cache, open_cache(cfg.cache, cfg.site)
-        check_cache_model(manifest, cache, subject, cfg.allow_other_model)
-        model = subject.load(device)
+        cache = cfg.cache
     mean, mean_sq_norm = site_stats(manifest, cfg.site)
     if not (torch.isfinite(mean).all() and math.isfinite(mean_sq_norm) and mean_sq_norm > 0):
         raise UserError(
@@ -143,19 +158,6 @@ def prepare(cfg: RunConfig, subject: Subject | None = None) -> RunData:
             f"norm {mean_sq_norm:.4g}, finite mean: {bool(torch.isfinite(mean).all())}); "
             "rebuild the cache"
         )
-    settings = manifest["settings"]
-    if settings.get("text") is not None and "held_out" not in settings and not cfg.eval_text:
-        raise UserError(
-            f"{cache} was built from --text {settings['text']} before held-out splits existed: "
-            "it holds the documents the evaluation would hold out; rebuild it (omit --cache) "
-            "or name evaluation text with --eval-text"
-        )
-    eval_data = default_eval_data(cfg, settings)
-    # made now, so that a held-out split too small to evaluate on fails before training
-    eval_seqs = subject.sequences(
-        eval_data.split, cfg.eval_tokens, cfg.seq_len, cfg.seed, eval_data.text,
-        eval_data.text_field,
-    ).tokens  # fmt: skip
     return RunData(
         replace(cfg, cache=cache), subject, model, device, cache, manifest, eval_data, eval_seqs
     )

@@ -8,6 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from flashsae.cache.__main__ import run_info  # noqa: E402
 from flashsae.cache.build import build, cache_settings  # noqa: E402
 from flashsae.cache.models.subjects import get_subject  # noqa: E402
 from flashsae.cache.shard_file import map_shard  # noqa: E402
@@ -63,7 +64,7 @@ def test_long_documents_give_no_length_warning(tmp_path, caplog, capfd):
     assert warned()
 
 
-def test_cache_records_the_packing_and_drops_special_tokens(tmp_path):
+def test_cache_records_the_packing_and_drops_special_tokens(tmp_path, capsys):
     save_tiny_bert(tmp_path / "bert")
     subject = get_subject(str(tmp_path / "bert"), 64)
     text = corpus(tmp_path / "c.jsonl")
@@ -81,3 +82,7 @@ def test_cache_records_the_packing_and_drops_special_tokens(tmp_path):
     )  # ...are not cached, nor is the start token
     assert manifest["total_rows"] == (~special).sum() == len(tokens)
     assert not torch.isin(tokens, torch.tensor(subject.special_tokens)).any()
+    capsys.readouterr()
+    run_info(tmp_path / "cache")
+    shown = capsys.readouterr().out
+    assert f"start token cls ({subject.bos}), separator sep ({subject.separator})" in shown

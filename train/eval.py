@@ -136,7 +136,8 @@ class EvalData:
 
     @property
     def stem(self) -> str:
-        """``eval`` for a run's own evaluation data, else ``eval-<name>``: its files' stem."""
+        """``eval-<name>``: the stem of this data's evaluation files when it is not the run's
+        own evaluation data (whose files are ``eval.*``)."""
         return "eval-" + re.sub(r"[^A-Za-z0-9_.]+", "-", self.name).strip("-")
 
     def describe(self, tokens: int, cache_settings: dict | None = None) -> dict:

@@ -83,8 +83,8 @@ def test_user_text_is_evaluated_on_its_held_out_split(tmp_path, monkeypatch, cap
     texts = [p.read_text()[i : i + 400] for p in files for i in range(0, 2000, 400)]
     train_text = write_jsonl(tmp_path / "docs.jsonl", texts)
     other = write_jsonl(tmp_path / "other.jsonl", texts[::-1][:60])
-    tiny = ["--model", "bytelm-tiny", "--tokens", "8192", "--batch-size", "1024"]
-    tiny += ["--eval-tokens", "2048", "--n-latents", "256", "--k", "8", "--seq-len", "64"]
+    tiny = ["--model", "bytelm-tiny", "--tokens", "4096", "--batch-size", "1024"]
+    tiny += ["--eval-tokens", "1024", "--n-latents", "256", "--k", "8", "--seq-len", "64"]
     run = tmp_path / "runs" / "a"
 
     (tmp_path / "one.txt").write_text("a single document " * 200)
@@ -99,14 +99,14 @@ def test_user_text_is_evaluated_on_its_held_out_split(tmp_path, monkeypatch, cap
     assert (data["kind"], data["name"], data["split"], data["text"]) == (
         "text", "docs held-out", "val", train_text,
     )  # fmt: skip
-    assert data["tokens"] == 33 * 63 and len(data["digest"]) == 16  # 33 sequences after BOS
+    assert data["tokens"] == 17 * 63 and len(data["digest"]) == 16  # 17 sequences after BOS
 
-    assert eval_cli.main([str(run), "--tokens", "2048", "--seq-len", "64"]) == 0
+    assert eval_cli.main([str(run), "--tokens", "1024", "--seq-len", "64"]) == 0
     own = json.loads((run / "eval.json").read_text())
     assert own["eval_data"]["name"] == "docs held-out"
     assert own["fvu"] == pytest.approx(metrics["fvu"], rel=1e-3)
 
-    assert eval_cli.main([str(run), "--text", other, "--tokens", "2048", "--seq-len", "64"]) == 0
+    assert eval_cli.main([str(run), "--text", other, "--tokens", "1024", "--seq-len", "64"]) == 0
     beside = json.loads((run / "eval-other.json").read_text())
     assert beside["eval_data"]["name"] == "other" and beside["eval_data"]["split"] == "all"
     assert beside["fvu"] != own["fvu"]

@@ -2,6 +2,7 @@
 eval --text beside eval.json, frontier series per evaluation data."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +115,17 @@ def test_user_text_is_evaluated_on_its_held_out_split(tmp_path, monkeypatch, cap
     assert "Evaluated on other" in (run / "eval-other.md").read_text()
     assert {r["eval_data"]["name"] for r in sibling_runs(run.parent)} == {"docs held-out", "other"}
     assert EvalData.of(beside["eval_data"]) == EvalData(other, "all")
+
+    # the same data again overwrites its file; a cache's rows are other data again
+    assert eval_cli.main([str(run), "--text", other, "--tokens", "512", "--seq-len", "64"]) == 0
+    assert json.loads((run / "eval-other.json").read_text())["eval_data"]["tokens"] == 9 * 63
+    cache = Path(json.loads((run / "config.json").read_text())["cache"])
+    assert (
+        eval_cli.main([str(run), "--cache", str(cache), "--tokens", "1024", "--seq-len", "64"]) == 0
+    )
+    on_cache = json.loads((run / f"eval-cache-{cache.name}.json").read_text())["eval_data"]
+    assert (on_cache["kind"], on_cache["cache"], on_cache["split"]) == ("cache", str(cache), "val")
+    assert on_cache["text"] == train_text and on_cache["tokens"] == 4096  # one loader batch
+    assert sorted(p.name for p in run.glob("eval*.json")) == sorted(
+        ["eval.json", "eval-other.json", f"eval-cache-{cache.name}.json"]
+    )

@@ -129,3 +129,23 @@ def test_user_text_is_evaluated_on_its_held_out_split(tmp_path, monkeypatch, cap
     assert sorted(p.name for p in run.glob("eval*.json")) == sorted(
         ["eval.json", "eval-other.json", f"eval-cache-{cache.name}.json"]
     )
+
+
+def test_a_text_cache_from_before_held_out_splits_is_refused(tmp_path):
+    """Its rows include the held-out documents, so evaluating on them would not be held out."""
+    from flashsae.cache.errors import UserError
+    from flashsae.cache.models.subjects import get_subject
+    from flashsae.cache.shards import ShardWriter
+    from flashsae.train.config import RunConfig
+    from flashsae.train.pipeline import prepare
+
+    subject = get_subject("bytelm-tiny", 128)
+    site = subject.default_site
+    settings = {"model": "bytelm-tiny", "model_key": subject.key, "sites": [site], "d": 64}
+    writer = ShardWriter(tmp_path / "old", {**settings, "dtype": "float32", "text": "d.jsonl"}, 64)
+    i = torch.arange(64)
+    writer.add({site: torch.randn(64, 64)}, {"tokens": i, "doc": i, "pos": i, "seq": i})
+    writer.finish()
+    cfg = RunConfig(model="bytelm-tiny", site=site, cache=tmp_path / "old", device="cpu")
+    with pytest.raises(UserError, match="before held-out splits existed.*--eval-text"):
+        prepare(cfg)

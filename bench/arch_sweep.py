@@ -33,7 +33,6 @@ from common import append_jsonl, environment
 
 from flashsae.cache.loader import ActivationLoader
 from flashsae.train import RunConfig
-from flashsae.train.eval import evaluate
 from flashsae.train.gated import GatedSAE, rescale_shift
 from flashsae.train.jumprelu import JumpReLUSAE
 from flashsae.train.metrics import METRIC_KEYS
@@ -70,7 +69,6 @@ class Context:
         self.data = prepare(cfg)
         self.site = self.data.cfg.site
         self.scale = self.data.input_scale
-        self.eval_seqs = self.data.eval_sequences()
 
     def new_sae(self, arch: str, value: float) -> SAE:
         """A new SAE of ``arch`` with k (TopK family) or λ (the others) = ``value``."""
@@ -89,7 +87,7 @@ class Context:
         start = time.time()
         summary = train_sae(sae, loader, train_config(data.cfg, data.device), NullLogger())
         sae.eval()
-        results, _ = evaluate(sae, data.model, self.eval_seqs)
+        results, _ = data.evaluate(sae)  # on the run's evaluation data, separators not counted
         metrics = {k: results[k] for k in METRIC_KEYS} | summary
         return metrics | magnitude_stats(sae) | {"seconds": time.time() - start}
 

@@ -37,7 +37,6 @@ from common import environment
 
 from flashsae.cache.loader import ActivationLoader
 from flashsae.train import RunConfig
-from flashsae.train.eval import evaluate
 from flashsae.train.gated import rescale_shift
 from flashsae.train.metrics import METRIC_KEYS
 from flashsae.train.pipeline import RunData, prepare, train_config
@@ -107,7 +106,6 @@ class Bench:
             seq_len=args.seq_len, device=args.device,
         )  # fmt: skip
         self.data: RunData = prepare(cfg)
-        self.eval_seqs = self.data.eval_sequences()
 
     def new_sae(self, arch: str, lam: float, seed: int) -> SAE:
         torch.manual_seed(seed)
@@ -124,7 +122,7 @@ class Bench:
         start = time.time()
         train_sae(sae, _Offset(loader, offset), cfg, rec)
         sae.eval()
-        results, _ = evaluate(sae, self.data.model, self.eval_seqs)
+        results, _ = self.data.evaluate(sae)  # the run's evaluation data, separators not counted
         seconds = time.time() - start
         return {k: results[k] for k in METRIC_KEYS} | {"curve": rec.curve, "seconds": seconds}
 

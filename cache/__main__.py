@@ -98,6 +98,12 @@ def run_info(folder: Path) -> int:
         print(f"error: {reason}", file=sys.stderr)
     print(f"model      {s['model']}  sites {', '.join(s['sites'])}  d {s['d']}  dtype {s['dtype']}")
     print(f"text       {s.get('dataset')}  seq_len {s.get('seq_len')}  seed {s.get('seed')}")
+    if "packing" in m:
+        pk = m["packing"]
+        start = f"{pk['start_token']} ({pk['start_token_id']})" if pk["start_token"] else "none"
+        sep = pk["separator_token"]
+        sep = f"{sep} ({pk['separator_token_id']})" if sep else "none"
+        print(f"packing    start token {start}, separator {sep}; held out: {pk['held_out']}")
     print(f"rows       {m['total_rows']} in {len(m['shards'])} shards, {size / 2**20:.1f} MiB")
     for site in s["sites"]:
         st = m["stats"][site]

@@ -26,17 +26,20 @@ from .locks import LOCK_NAME, exclusive_lock
 from .models.subjects import Subject
 from .paths import flashsae_home
 from .shards import META, ShardWriter, damaged_shards
-from .text import Packed, source_digest
+from .text import HELD_OUT, STDLIB_HELD_OUT, Packed, source_digest
 
 
 def keep_mask(
     tokens: torch.Tensor, drop_tokens: tuple[int, ...] = (), skip_first: int = 1
 ) -> torch.Tensor:
-    """``[S, T]`` bool: the rows worth caching (not BOS, not padding or other listed tokens)."""
+    """``[S, T]`` bool: the rows worth caching: not the first ``skip_first`` (the start token),
+    not ``drop_tokens`` (separators, padding, ``--drop-tokens``)."""
     keep = torch.ones_like(tokens, dtype=torch.bool)
     keep[:, :skip_first] = False
     if drop_tokens:
-        keep &= ~torch.isin(tokens, torch.tensor(drop_tokens, dtype=tokens.dtype))
+        keep &= ~torch.isin(
+            tokens, torch.tensor(drop_tokens, dtype=tokens.dtype, device=tokens.device)
+        )
     return keep
 
 
@@ -86,13 +89,15 @@ def build_cache(
     rows_per_shard: int = 65536,
     drop_tokens: tuple[int, ...] = (),
     verify: bool = False,
+    packing: dict | None = None,
 ) -> dict:
     """Capture ``sites`` over the packed sequences into the cache ``out``; returns its manifest.
 
     ``sequences`` may be a function making them, called only when the cache is unfinished
-    or damaged.
+    or damaged. ``packing`` (how they were made) is recorded in a new manifest.
 
-    Rows at BOS and at ``drop_tokens`` are dropped; each kept row is stored with its
+    Rows at the start token (``settings["bos"]``, when it is not None) and at ``drop_tokens``
+    are dropped; each kept row is stored with its
     token id, document index, position and sequence index. Rows are written in sequence
     order and the manifest records where the last complete shard ended, so a rerun
     continues exactly there. A rerun first checks the listed shards (layout and size; also
@@ -114,7 +119,7 @@ def build_cache(
         with exclusive_lock(out, "a cache build"):
             return _build_locked(
                 model, sequences, sites, out, settings, batch_size, rows_per_shard,
-                drop_tokens, verify,
+                drop_tokens, verify, packing,
             )  # fmt: skip
     finally:
         if created and not (out / "manifest.json").exists():
@@ -136,8 +141,11 @@ def _build_locked(
     rows_per_shard: int,
     drop_tokens: tuple[int, ...],
     verify: bool,
+    packing: dict | None,
 ) -> dict:
     writer = ShardWriter(out, {**settings, "sites": sites}, rows_per_shard)
+    if packing is not None:
+        writer.manifest.setdefault("packing", packing)
     bad = damaged_shards(out, writer.manifest, verify)
     if writer.complete and not bad:
         return writer.manifest
@@ -148,7 +156,7 @@ def _build_locked(
         print(f"{out} was started with --batch-size {grid}; continuing on that grid")
     packed = sequences() if callable(sequences) else sequences
     tokens, n_seqs, seq_len = packed.tokens, *packed.tokens.shape
-    keep = keep_mask(tokens, drop_tokens)
+    keep = keep_mask(tokens, drop_tokens, skip_first=int(settings.get("bos", 0) is not None))
     d = writer.d
     if bad:
         kept = keep.reshape(-1).nonzero()[:, 0]  # flat position of each cached row, in order
@@ -228,7 +236,10 @@ def cache_settings(
     text_field: str = "text",
 ) -> dict:
     """What identifies a cache: equal settings give identical contents. ``text_field`` is
-    recorded only when it is not "text", so caches built before it existed still match.
+    recorded only when it is not "text", ``separator`` (the token after each document) only
+    when the tokenizer has one and ``held_out`` (the held-out documents left out) only for a
+    ``text`` source, so caches whose packing has not changed (the bundled models' on the
+    stdlib) keep their keys.
 
     ``model_key`` is the subject's key (bundled: its recipe; Hub: id and revision; local
     folder: a digest of its weight files) and ``text_digest`` a digest of a local text
@@ -240,6 +251,10 @@ def cache_settings(
     digest = source_digest(text)
     if digest is not None:
         field["text_digest"] = digest
+    if subject.separator is not None:
+        field["separator"] = subject.separator
+    if text is not None:
+        field["held_out"] = HELD_OUT
     return {
         "model": subject.name,
         "model_key": subject.key,
@@ -290,6 +305,7 @@ def build(
         settings,
         batch_size=batch_size,
         rows_per_shard=rows_per_shard,
-        drop_tokens=tuple(settings["drop_tokens"]),
+        drop_tokens=(*settings["drop_tokens"], *subject.special_tokens),
         verify=verify,
+        packing={**subject.packing(), "held_out": settings.get("held_out", STDLIB_HELD_OUT)},
     )

@@ -5,15 +5,24 @@ plain text file, a directory of text files (recursively, sorted), a ``.jsonl`` f
 whose records carry a text field, or a Hugging Face dataset (needs the ``datasets``
 package): a hub name, streamed, or a folder written by ``save_to_disk``.
 
-Packing concatenates the documents' tokens into one stream and cuts it into
-non-overlapping windows of ``seq_len - 1`` tokens, each prefixed with BOS. Windows
-are taken in a seeded random order (train) or evenly spaced (evaluation), so a
-given source, tokenizer, seed and length always give the same sequences.
+Held-out split: one document in ``HELD_OUT_EVERY`` (20), chosen by an md5 of its text (of
+its file name for the stdlib), is held out: "train" reads the others, "val" only those, "all"
+every document. A cache is built from "train"; evaluation uses "val" of the same source.
+
+Packing (``PACKING``): the documents' tokens are concatenated, each document followed by the
+separator (the tokenizer's EOS, else SEP; nothing when it has neither), and the stream is cut
+into non-overlapping sequences of ``seq_len`` tokens, each starting with the start token (BOS,
+else CLS; when there is none, the sequence is all text). A document longer than a sequence
+continues into the next ones; nothing is truncated. Sequences are taken in a seeded random
+order (train) or evenly spaced (the stdlib's held-out files), so a given source, tokenizer,
+seed and length always give the same sequences.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +30,24 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .models.bytelm import split_files
+from .models.bytelm import HELD_OUT_EVERY, split_files, stdlib_files
 from .paths import files_digest, hub_offline, looks_like_path
 
 SAVED_DATASET_FILES = ("dataset_dict.json", "state.json")  # what save_to_disk leaves
+SPLITS = ("train", "val", "all")
+PACKING = (
+    "packed: documents are concatenated, each followed by the separator token when the "
+    "tokenizer has one, and cut into sequences of seq_len tokens that each begin with the start "
+    "token when there is one; a long document continues into the next sequences"
+)
+HELD_OUT = f"one document in {HELD_OUT_EVERY} by an md5 of its text is held out for evaluation"
+STDLIB_HELD_OUT = f"the stdlib's held-out files (one in {HELD_OUT_EVERY} by an md5 of the name)"
+
+
+def is_held_out(text: str) -> bool:
+    """Whether the document ``text`` is in the held-out split (md5 of its UTF-8 text)."""
+    digest = hashlib.md5(text.encode(errors="surrogatepass")).hexdigest()
+    return int(digest, 16) % HELD_OUT_EVERY == 0
 
 
 def _read_files(files: list[Path], seed: int | None) -> Iterator[str]:
@@ -39,13 +62,23 @@ def _read_files(files: list[Path], seed: int | None) -> Iterator[str]:
 
 
 def documents(
-    source: str | None, split: str = "train", seed: int | None = None, text_field: str = "text"
+    source: str | None, split: str = "all", seed: int | None = None, text_field: str = "text"
 ) -> Iterator[str]:
-    """The documents of ``source`` (None: the stdlib files of ``split``); the files of the
-    stdlib or of a directory come in a seeded order when ``seed`` is given."""
+    """The documents of ``split`` ("train", "val": held out, "all") of ``source`` (None: the
+    stdlib files); the files of the stdlib or of a directory come in a seeded order when
+    ``seed`` is given."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
     if source is None:
-        yield from _read_files(split_files(split), seed)
+        yield from _read_files(stdlib_files() if split == "all" else split_files(split), seed)
         return
+    for text in _source_documents(source, seed, text_field):
+        if split == "all" or is_held_out(text) == (split == "val"):
+            yield text
+
+
+def _source_documents(source: str, seed: int | None, text_field: str) -> Iterator[str]:
+    """Every document of the local or Hub ``source``."""
     path = Path(source).expanduser()
     if path.is_dir() and any((path / f).exists() for f in SAVED_DATASET_FILES):
         yield from _hf_dataset(str(path), text_field, saved=True)
@@ -92,6 +125,14 @@ def source_digest(source: str | None) -> str | None:
     return None
 
 
+def split_digest(source: str | None) -> str | None:
+    """``source_digest`` of a local source; for the stdlib (None), that of its held-out files."""
+    if source is not None:
+        return source_digest(source)
+    files = split_files("val")
+    return files_digest(files, Path(os.path.commonpath(files))) if files else None
+
+
 def _hf_dataset(source: str, text_field: str, saved: bool = False) -> Iterator[str]:
     """The ``text_field`` of each record of a Hugging Face dataset's train split: a hub name
     (streamed) or a folder written by ``save_to_disk``."""
@@ -127,8 +168,8 @@ def _hf_dataset(source: str, text_field: str, saved: bool = False) -> Iterator[s
 
 @dataclass
 class Packed:
-    """``tokens`` ``[S, T]`` starting with BOS, and ``doc`` ``[S, T]`` (the document of each
-    token; -1 at BOS)."""
+    """``tokens`` ``[S, T]`` and ``doc`` ``[S, T]``: the document of each token, -1 at the start
+    and separator tokens."""
 
     tokens: torch.Tensor
     doc: torch.Tensor
@@ -137,18 +178,21 @@ class Packed:
 def pack(
     docs: Iterator[str],
     tokenize: Callable[[list[str]], list[list[int]]],
-    bos: int,
+    bos: int | None,
     seq_len: int,
     n_seqs: int | None,
     seed: int,
     evenly_spaced: bool = False,
+    separator: int | None = None,
 ) -> Packed:
-    """Pack tokenized ``docs`` into ``n_seqs`` sequences (None: all windows).
+    """Pack tokenized ``docs`` into ``n_seqs`` sequences (None: all windows) as ``PACKING``
+    says: ``bos`` starts each sequence, ``separator`` follows each document (None: no such
+    token).
 
     Reads documents only until there are enough tokens for ``n_seqs`` windows (all of
     them when ``evenly_spaced``); repeats windows when the source is too short.
     """
-    body = seq_len - 1
+    body = seq_len - (bos is not None)
     ids: list[int] = []
     doc_ids: list[int] = []
     n_docs = 0
@@ -161,6 +205,9 @@ def pack(
         for toks in tokenize(batch):
             ids.extend(toks)
             doc_ids.extend([n_docs] * len(toks))
+            if separator is not None:
+                ids.append(separator)
+                doc_ids.append(-1)
             n_docs += 1
         batch.clear()
 
@@ -183,6 +230,8 @@ def pack(
     else:
         order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed))
         order = order.repeat(-(-n_seqs // n_windows))[:n_seqs]
-    tokens = torch.cat([torch.full((len(order), 1), bos), data[order]], dim=1)
-    doc = torch.cat([torch.full((len(order), 1), -1, dtype=torch.int32), docs_t[order]], dim=1)
+    tokens, doc = data[order], docs_t[order]
+    if bos is not None:
+        tokens = torch.cat([torch.full((len(order), 1), bos), tokens], dim=1)
+        doc = torch.cat([torch.full((len(order), 1), -1, dtype=torch.int32), doc], dim=1)
     return Packed(tokens, doc)

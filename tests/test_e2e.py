@@ -74,7 +74,11 @@ def test_eval_command_matches_the_training_run(tmp_path):
     assert result.returncode == 0, result.stderr
     evaluated = json.loads((run / "eval.json").read_text())
     logged = json.loads((run / "metrics.json").read_text())
-    assert list(evaluated) == METRIC_KEYS
+    assert list(evaluated) == [*METRIC_KEYS, "eval_data"]  # the metrics, then the data named
+    assert evaluated["eval_data"] == logged["eval_data"] | {
+        "tokens": evaluated["eval_data"]["tokens"]
+    }
+    assert evaluated["eval_data"]["name"] == "stdlib held-out"
     for key in METRIC_KEYS:  # the saved (folded) checkpoint reproduces the in-training numbers
         assert evaluated[key] == pytest.approx(logged[key], rel=1e-3, abs=1e-6), key
     assert "| fvu |" in (run / "eval.md").read_text()

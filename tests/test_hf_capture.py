@@ -249,7 +249,7 @@ def test_opt_mlp_rows_are_spliced_as_tokens():
 def subject_of(config):
     from flashsae.cache.models.subjects import HFSubject
 
-    return HFSubject("tiny", "hf-tiny", 32, config.num_hidden_layers, 0, config)
+    return HFSubject("tiny", "hf-tiny", 32, config.num_hidden_layers, 0, config=config)
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))

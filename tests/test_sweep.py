@@ -97,6 +97,7 @@ def test_a_sweep_gives_each_member_the_weights_of_its_separate_run(tmp_path, cac
     assert loader.count == 4096 // 512  # one read per step, shared by the three SAEs
     assert json.loads((out / "sweep.json").read_text())["members"] == [n for n, _ in MEMBERS]
     table = (out / "sweep.md").read_text()
+    assert "Evaluated on stdlib held-out." in table
     for name, flags in MEMBERS:
         member = out / name
         metrics = json.loads((member / "metrics.json").read_text())

@@ -93,3 +93,33 @@ def test_hub_dataset_names_are_streamed(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     assert list(documents("someone/corpus")) == ["a", "b"]
     assert calls == [("someone/corpus", {"split": "train", "streaming": True})]
+
+
+def test_separators_and_long_documents():
+    """EOS after every document; a document longer than a sequence continues into the next
+    ones; without a start token the whole sequence is text."""
+    docs = ["abcdefghij", "kl", "mnopq"]
+    sep = 300
+    packed = pack(iter(docs), byte_tokens, bos=256, seq_len=5, n_seqs=None, seed=0, separator=sep)
+    stream = b"abcdefghij\x00kl\x00mnopq\x00"  # \0 stands for the separator
+    expected = [[256, *[sep if c == 0 else c for c in stream[i : i + 4]]] for i in range(0, 20, 4)]
+    assert packed.tokens.tolist() == expected
+    assert (packed.doc[packed.tokens == sep] == -1).all() and (packed.doc[:, 0] == -1).all()
+    assert packed.doc[1].tolist() == [-1, 0, 0, 0, 0]  # "efgh": the first document continues
+    bare = pack(iter(docs), byte_tokens, bos=None, seq_len=5, n_seqs=None, seed=0, separator=sep)
+    assert bare.tokens.tolist()[:2] == [[*b"abcde"], [*b"fghij"]] and bare.tokens.shape == (4, 5)
+    assert (bare.doc >= 0).sum() == sum(map(len, docs))  # every text token, once
+
+
+def test_held_out_split_is_by_document_and_stable(tmp_path):
+    texts = [f"document number {i}\n" * (i % 7 + 1) for i in range(400)]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    train, val = list(documents(str(jsonl), "train")), list(documents(str(jsonl), "val"))
+    assert sorted(train + val) == sorted(texts) and not set(train) & set(val)
+    assert 5 <= len(val) <= 40  # one in 20, by a hash of the text
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in reversed(texts)))
+    assert sorted(documents(str(jsonl), "val")) == sorted(val)  # by content, not position
+    assert list(documents(str(jsonl), "all")) == texts[::-1]
+    stdlib_val = list(documents(None, "val"))
+    assert stdlib_val and not set(stdlib_val) & set(documents(None, "train"))

@@ -62,6 +62,10 @@ class RunConfig:
     )
     text_field: str = field(default="text", metadata=_help("the text field of .jsonl and datasets"))
     eval_tokens: int = field(default=65536, metadata=_help("held-out tokens to evaluate on"))
+    eval_text: str | None = field(
+        default=None,
+        metadata=_help("evaluation text, all of it (default: the held-out split of --text)"),
+    )
     dead_window: int = field(
         default=10_000_000, metadata=_help("tokens without firing after which a latent is dead")
     )

@@ -1,29 +1,37 @@
 """Evaluate an SAE on held-out activations and spliced back into its model at its site.
 
-``python -m flashsae.train.eval RUN_DIR [--cache DIR] [--model M] [--tokens N]`` writes
-``eval.json`` (the keys of ``metrics.json``), ``eval.md``, ``density.png`` and, for
-all runs beside RUN_DIR, ``frontier_fvu.png`` and ``frontier_ce.png`` in the parent
-folder; it logs them to the run's W&B entry when there is one.
+``python -m flashsae.train.eval RUN_DIR [--text PATH] [--cache DIR] [--model M] [--tokens N]``
+evaluates on the run's evaluation data (``metrics.json``'s ``eval_data``: the held-out split
+of the text it was trained on), or on all of ``--text``, or on the rows of ``--cache``. It
+writes ``eval.json`` (the keys of ``metrics.json`` and ``eval_data``, naming the data),
+``eval.md`` and ``density.png``, or ``eval-<data>.json`` ... for other data than the run's, and,
+for all runs beside RUN_DIR, ``frontier_fvu.png`` and ``frontier_ce.png`` in the parent folder;
+it logs them to the run's W&B entry when there is one.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
+import re
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from flashsae.cache.build import keep_mask
 from flashsae.cache.errors import UserError, report_errors
 from flashsae.cache.hooks import capture, splice
 from flashsae.cache.loader import ActivationLoader
 from flashsae.cache.locks import exclusive_lock
 from flashsae.cache.models.subjects import Subject, get_subject, no_lm_reason, pick_device
+from flashsae.cache.text import split_digest
 
 from .checkpoint import load_sae
 from .files import write_output
@@ -31,10 +39,11 @@ from .metrics import LM_KEYS, METRIC_KEYS, ReconstructionStats, SpliceStats, met
 from .sae import SAE
 
 
-def _replace_after(skip_first: int, new: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``h`` ``[B, T, d]`` with positions from ``skip_first`` on replaced by rows of ``new``."""
+def _replace_at(keep: torch.Tensor, new: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``h`` ``[B, T, d]`` with the positions where ``keep`` ``[B, T]`` holds replaced by the
+    rows of ``new``, in order."""
     h = h.clone()
-    h[:, skip_first:] = new.reshape(h[:, skip_first:].shape).to(h.dtype)
+    h[keep] = new.to(h.dtype)
     return h
 
 
@@ -60,6 +69,7 @@ def evaluate(
     skip_first: int = 1,
     metric_scale: float | None = None,
     cache_batches: Iterable[torch.Tensor] | None = None,
+    drop_tokens: tuple[int, ...] = (),
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Every metric of ``metrics.py``, and the latents' firing frequencies.
 
@@ -67,8 +77,10 @@ def evaluate(
     (or ``cache_batches`` of cached rows when given), multiplied by ``metric_scale``
     (default: the SAE's input scale), i.e. in the run's normalized units. The language
     model metrics splice x̂ (and zeros) in at the site. The first ``skip_first``
-    positions (BOS) are excluded everywhere and never spliced. A model without a causal-LM
-    head (``no_lm_reason``) gets CE, KL and Δ-LM of None, and the reason under
+    positions (the start token) and positions holding ``drop_tokens`` (separators) are
+    excluded everywhere: not reconstructed, never spliced, their next-token predictions not
+    counted (a prediction *of* a separator, the end of a document, counts). A model without a
+    causal-LM head (``no_lm_reason``) gets CE, KL and Δ-LM of None, and the reason under
     ``lm_metrics_skipped``.
     """
     site = sae.cfg.site
@@ -82,8 +94,9 @@ def evaluate(
         rec.update(x_raw.float() * m, x_hat * m, f)
     for batch in tqdm(sequences.split(batch_size), desc="evaluating", unit="batch"):
         batch = batch.to(device)
+        keep = keep_mask(batch, drop_tokens, skip_first)
         h = capture(model, batch, [site])[site]
-        x_raw = h[:, skip_first:].reshape(-1, h.shape[-1]).float()
+        x_raw = h[keep].float()
         f, x_hat = reconstruct(sae, x_raw)
         if cache_batches is None:
             rec.update(x_raw * m, x_hat * m, f)
@@ -91,17 +104,73 @@ def evaluate(
             continue
         logits = {"clean": logits_of(model, batch)}
         for name, new in (("sae", x_hat), ("zero", torch.zeros_like(x_hat))):
-            with splice(model, site, partial(_replace_after, skip_first, new)):
+            with splice(model, site, partial(_replace_at, keep, new)):
                 logits[name] = logits_of(model, batch)
-        # logits at position t predict token t + 1; positions before skip_first don't count
-        mask = torch.zeros(batch.shape[0], batch.shape[1] - 1, dtype=torch.bool, device=device)
-        mask[:, skip_first:] = True
-        lm.update(batch[:, 1:], {k: v[:, :-1] for k, v in logits.items()}, mask)
+        # logits at position t predict token t + 1; they count where position t is kept
+        lm.update(batch[:, 1:], {k: v[:, :-1] for k, v in logits.items()}, keep[:, :-1])
     if no_lm:
         return {**rec.result(), **dict.fromkeys(LM_KEYS), "lm_metrics_skipped": no_lm}, (
             rec.firing_frequencies()
         )
     return {**rec.result(), **lm.result()}, rec.firing_frequencies()
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """What an evaluation runs on: the documents of ``split`` ("val": the held-out split,
+    "all") of ``text`` (None: the Python standard library) packed into sequences, and, when
+    ``cache`` is given, that cache's rows for the reconstruction metrics."""
+
+    text: str | None
+    split: str = "val"
+    text_field: str = "text"
+    cache: Path | None = None
+
+    @property
+    def name(self) -> str:
+        """A short human-readable name (plot legends, file names)."""
+        if self.cache is not None:
+            return f"cache {self.cache.name}"
+        base = "stdlib" if self.text is None else Path(self.text.rstrip("/")).stem or self.text
+        return f"{base} held-out" if self.split == "val" else base
+
+    @property
+    def stem(self) -> str:
+        """``eval-<name>``: the stem of this data's evaluation files when it is not the run's
+        own evaluation data (whose files are ``eval.*``)."""
+        return "eval-" + re.sub(r"[^A-Za-z0-9_.]+", "-", self.name).strip("-")
+
+    def describe(self, tokens: int, cache_settings: dict | None = None) -> dict:
+        """The dict ``eval.json`` and ``metrics.json`` hold as ``eval_data``: kind, name,
+        source, split, digest (of the local text's files or of the cache's settings; None for
+        a Hub dataset) and the number of tokens evaluated."""
+        if self.cache is not None:
+            blob = json.dumps(cache_settings, sort_keys=True).encode()
+            kind, digest = "cache", hashlib.sha256(blob).hexdigest()[:16]
+        else:
+            kind, digest = "stdlib" if self.text is None else "text", split_digest(self.text)
+        return {
+            "kind": kind,
+            "name": self.name,
+            "text": self.text,
+            "split": self.split,
+            "text_field": self.text_field,
+            "cache": None if self.cache is None else str(self.cache),
+            "digest": digest and digest[:16],
+            "tokens": tokens,
+        }
+
+    @classmethod
+    def of(cls, described: dict | None) -> EvalData:
+        """The data ``describe`` described; the stdlib's held-out split for None (what every
+        run was evaluated on before ``eval_data`` was recorded)."""
+        if described is None:
+            return cls(None)
+        cache = described.get("cache")
+        return cls(
+            described["text"], described["split"], described.get("text_field", "text"),
+            None if cache is None else Path(cache),
+        )  # fmt: skip
 
 
 def check_cache_model(manifest: dict, folder: Path, subject: Subject, allow_other: bool) -> None:
@@ -122,14 +191,24 @@ def check_cache_model(manifest: dict, folder: Path, subject: Subject, allow_othe
         )
 
 
-def report(run: Path, results: dict[str, float], cfg: dict, warnings: Sequence[str] = ()) -> str:
-    """A short markdown report of one evaluation."""
+def report(
+    run: Path,
+    results: dict[str, float],
+    cfg: dict,
+    warnings: Sequence[str] = (),
+    data: dict | None = None,
+) -> str:
+    """A short markdown report of one evaluation (on ``data``, an ``EvalData.describe``)."""
     lines = [
         f"# {run.name}",
         "",
         f"{cfg['arch']} SAE, {cfg['n_latents']} latents on {cfg['d']}-dim `{cfg['site']}` "
         f"of `{cfg['model']}`.",
         "",
+    ]
+    if data is not None:
+        lines += [f"Evaluated on {data['name']} ({data['tokens']} tokens).", ""]
+    lines += [
         "| metric | value |",
         "|---|---|",
     ]
@@ -143,22 +222,41 @@ def report(run: Path, results: dict[str, float], cfg: dict, warnings: Sequence[s
 
 
 def sibling_runs(parent: Path) -> list[dict]:
-    """Metrics of every run folder in ``parent`` (eval.json preferred), with its arch."""
+    """Metrics of every run folder in ``parent``, with its arch and ``eval_data``: each of its
+    evaluations (``eval.json`` preferred to ``metrics.json``, which holds the same data's,
+    then every ``eval-<data>.json``). Results saved before ``eval_data`` was recorded were on
+    the stdlib's held-out split."""
     runs = []
     for cfg_path in sorted(parent.glob("*/cfg.json")):
-        for name in ("eval.json", "metrics.json"):
-            path = cfg_path.parent / name
-            if path.exists():
-                arch = json.loads(cfg_path.read_text()).get("arch", "?")
-                runs.append({**json.loads(path.read_text()), "arch": arch, "run": path.parent.name})
-                break
+        arch = json.loads(cfg_path.read_text()).get("arch", "?")
+        folder = cfg_path.parent
+        own = next(
+            (folder / n for n in ("eval.json", "metrics.json") if (folder / n).exists()), None
+        )
+        for path in [own] * (own is not None) + sorted(folder.glob("eval-*.json")):
+            result = json.loads(path.read_text())
+            data = result.get("eval_data") or {"name": EvalData(None).name}
+            runs.append({**result, "eval_data": data, "arch": arch, "run": folder.name})
     return runs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m flashsae.train.eval", description=__doc__)
     p.add_argument("run", type=Path, help="run directory holding sae.safetensors + cfg.json")
-    p.add_argument("--cache", type=Path, default=None, help="cached activations to evaluate on")
+    p.add_argument(
+        "--text",
+        default=None,
+        help="evaluation text, all of it (file, directory, .jsonl or dataset); default: the "
+        "run's evaluation data, the held-out split of the text it was trained on",
+    )
+    p.add_argument("--text-field", default="text", help="the text field of .jsonl and datasets")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="cached activations for the reconstruction metrics (the next-token metrics use the "
+        "held-out split of the cache's text, or --text)",
+    )
     p.add_argument("--model", default=None, help="subject model (default: the run's)")
     p.add_argument("--tokens", type=int, default=65536, help="held-out tokens")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
@@ -191,31 +289,57 @@ def _evaluate_run(args: argparse.Namespace, sae: SAE) -> dict:
     subject = get_subject(args.model or sae.cfg.model, args.seq_len)
     if subject.d_model != sae.cfg.d:
         raise UserError(f"{subject.name} has d_model {subject.d_model}, the SAE d={sae.cfg.d}")
-    cache_batches = None
+    metrics_path = args.run / "metrics.json"
+    logged = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    own = EvalData.of(logged.get("eval_data"))
+    data = own if args.text is None else EvalData(args.text, "all", args.text_field)
+    cache_batches, cache_settings = None, None
     if args.cache is not None:
         loader = ActivationLoader(args.cache, sae.cfg.site, 4096, device=args.device)
         check_cache_model(loader.manifest, args.cache, subject, args.allow_other_model)
         n_batches = max(1, min(args.tokens, loader.rows) // 4096)
         cache_batches = list(itertools.islice(loader.epoch_batches(0), n_batches))
+        cache_settings = loader.manifest["settings"]
+        if args.text is None:
+            text = cache_settings.get("text")
+            data = EvalData(text, "val", cache_settings.get("text_field", "text"))
+        data = EvalData(data.text, data.split, data.text_field, args.cache)
     model = subject.load(args.device)
-    seqs = subject.sequences("val", args.tokens, args.seq_len, seed=0).tokens
+    seqs = subject.sequences(
+        data.split, args.tokens, args.seq_len, 0, data.text, data.text_field
+    ).tokens
     scale = cfg.get("normalization", {}).get("scale", 1.0)
-    results, freqs = evaluate(sae, model, seqs, metric_scale=scale, cache_batches=cache_batches)
+    skip_first, special = int(subject.bos is not None), subject.special_tokens
+    results, freqs = evaluate(
+        sae, model, seqs, skip_first=skip_first, metric_scale=scale,
+        cache_batches=cache_batches, drop_tokens=special,
+    )  # fmt: skip
+    n_tokens = (
+        sum(len(b) for b in cache_batches)
+        if cache_batches is not None
+        else int(keep_mask(seqs, special, skip_first).sum())
+    )
+    described = data.describe(n_tokens, cache_settings)
     warnings = metric_warnings(results)
     for line in warnings:
         print(f"warning: {line}", file=sys.stderr)
-    write_output(args.run / "eval.json", json.dumps({k: results[k] for k in METRIC_KEYS}, indent=2))
-    write_output(args.run / "eval.md", report(args.run, results, cfg, warnings))
-    images = {"density": args.run / "density.png"}
+    # the run's own evaluation data: eval.json (over the last one); other data: beside it
+    stem = "eval" if data == own else data.stem
+    out = {k: results[k] for k in METRIC_KEYS} | {"eval_data": described}
+    write_output(args.run / f"{stem}.json", json.dumps(out, indent=2))
+    write_output(args.run / f"{stem}.md", report(args.run, results, cfg, warnings, described))
+    density = "density" if stem == "eval" else f"density-{stem.removeprefix('eval-')}"
+    images = {"density": args.run / f"{density}.png"}
     density_histogram(freqs, images["density"])
     runs = sibling_runs(args.run.parent)
     for y, name in (("fvu", "frontier_fvu"), ("ce_loss_recovered", "frontier_ce")):
         images[name] = args.run.parent / f"{name}.png"
         frontier_plot([r for r in runs if r.get(y) is not None], images[name], x="l0", y=y)
     resume_run(
-        args.run, {f"eval/{k}": v for k, v in results.items()}, images, args.run / "eval.json"
-    )
-    print(report(args.run, results, cfg, warnings))
+        args.run, {f"{stem}/{k}": v for k, v in results.items()}, images,
+        args.run / f"{stem}.json",
+    )  # fmt: skip
+    print(report(args.run, results, cfg, warnings, described))
     return results
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from flashsae.cache.build import build, cache_settings, default_cache_dir
+from flashsae.cache.build import build, cache_settings, default_cache_dir, keep_mask
 from flashsae.cache.errors import UserError
 from flashsae.cache.loader import ActivationLoader
 from flashsae.cache.locks import exclusive_lock
@@ -33,7 +33,7 @@ from flashsae.cache.shards import open_cache, site_stats
 
 from .checkpoint import save_sae
 from .config import RunConfig
-from .eval import check_cache_model, evaluate
+from .eval import EvalData, check_cache_model, evaluate
 from .files import write_output
 from .metrics import METRIC_KEYS, metric_warnings
 from .plots import density_histogram
@@ -52,6 +52,8 @@ class RunData:
     device: str
     cache: Path
     manifest: dict
+    eval_data: EvalData
+    eval_seqs: torch.Tensor  # the token sequences of eval_data the run is evaluated on
 
     def new_sae(self, cfg: RunConfig | None = None) -> SAE:
         """A freshly initialised SAE of ``cfg`` (default: this run's) for this data, on the
@@ -76,10 +78,25 @@ class RunData:
         return input_scale(self.subject.d_model, site_stats(self.manifest, self.cfg.site)[1])
 
     def eval_sequences(self) -> torch.Tensor:
-        """The held-out token sequences the run is evaluated on."""
-        return self.subject.sequences(
-            "val", self.cfg.eval_tokens, self.cfg.seq_len, self.cfg.seed
-        ).tokens
+        """The token sequences of ``eval_data`` the run is evaluated on."""
+        return self.eval_seqs
+
+    def evaluate(self, sae: SAE) -> tuple[dict, torch.Tensor]:
+        """``eval.evaluate`` of ``sae`` on ``eval_data`` (start and separator tokens not
+        counted), with ``eval_data`` described under ``"eval_data"``."""
+        seqs, subject = self.eval_sequences(), self.subject
+        skip_first, special = int(subject.bos is not None), subject.special_tokens
+        results, freqs = evaluate(sae, self.model, seqs, skip_first=skip_first, drop_tokens=special)
+        n_tokens = int(keep_mask(seqs, special, skip_first).sum())
+        return results | {"eval_data": self.eval_data.describe(n_tokens)}, freqs
+
+
+def default_eval_data(cfg: RunConfig, settings: dict) -> EvalData:
+    """All of ``cfg.eval_text`` when given, else the held-out split of the text the cache (its
+    ``settings``) was built from: the stdlib's held-out files when that is the stdlib."""
+    if cfg.eval_text is not None:
+        return EvalData(cfg.eval_text, "all", cfg.text_field)
+    return EvalData(settings.get("text"), "val", settings.get("text_field", "text"))
 
 
 def resolved(cfg: RunConfig, subject: Subject) -> RunConfig:
@@ -100,7 +117,6 @@ def prepare(cfg: RunConfig, subject: Subject | None = None) -> RunData:
     cfg = resolved(cfg, subject)
     torch.manual_seed(cfg.seed)
     if cfg.cache is None:
-        model = subject.load(device)
         settings = cache_settings(
             subject,
             [cfg.site],
@@ -110,15 +126,31 @@ def prepare(cfg: RunConfig, subject: Subject | None = None) -> RunData:
             cfg.seed,
             text_field=cfg.text_field,
         )
+    else:
+        if not cfg.cache.exists():
+            raise UserError(f"--cache {cfg.cache} does not exist; omit --cache to build one")
+        manifest = open_cache(cfg.cache, cfg.site)
+        check_cache_model(manifest, cfg.cache, subject, cfg.allow_other_model)
+        settings = manifest["settings"]
+        if settings.get("text") is not None and "held_out" not in settings and not cfg.eval_text:
+            raise UserError(
+                f"{cfg.cache} was built from --text {settings['text']} before held-out splits "
+                "existed: it holds the documents the evaluation would hold out; rebuild it "
+                "(omit --cache) or name evaluation text with --eval-text"
+            )
+    eval_data = default_eval_data(cfg, settings)
+    # made first, so that a held-out split too small to evaluate on fails before any work
+    eval_seqs = subject.sequences(
+        eval_data.split, cfg.eval_tokens, cfg.seq_len, cfg.seed, eval_data.text,
+        eval_data.text_field,
+    ).tokens  # fmt: skip
+    model = subject.load(device)
+    if cfg.cache is None:
         cache = default_cache_dir(settings)
         print(f"activation cache: {cache}")
         manifest = build(subject, model, settings, cache)
     else:
-        if not cfg.cache.exists():
-            raise UserError(f"--cache {cfg.cache} does not exist; omit --cache to build one")
-        cache, manifest = cfg.cache, open_cache(cfg.cache, cfg.site)
-        check_cache_model(manifest, cache, subject, cfg.allow_other_model)
-        model = subject.load(device)
+        cache = cfg.cache
     mean, mean_sq_norm = site_stats(manifest, cfg.site)
     if not (torch.isfinite(mean).all() and math.isfinite(mean_sq_norm) and mean_sq_norm > 0):
         raise UserError(
@@ -126,7 +158,9 @@ def prepare(cfg: RunConfig, subject: Subject | None = None) -> RunData:
             f"norm {mean_sq_norm:.4g}, finite mean: {bool(torch.isfinite(mean).all())}); "
             "rebuild the cache"
         )
-    return RunData(replace(cfg, cache=cache), subject, model, device, cache, manifest)
+    return RunData(
+        replace(cfg, cache=cache), subject, model, device, cache, manifest, eval_data, eval_seqs
+    )
 
 
 # the settings --resume may change (their flags): neither changes what is computed; --resume
@@ -263,11 +297,12 @@ def finish_member(data: RunData, member: SAETraining, summary: dict) -> dict:
     out = member.state_path.parent
     try:
         sae.eval()
-        results, freqs = evaluate(sae, data.model, data.eval_sequences())
+        results, freqs = data.evaluate(sae)
         warnings = metric_warnings(results)
         for line in warnings:
             print(f"warning: {line}", file=sys.stderr)
         metrics = {k: results[k] for k in METRIC_KEYS} | summary | {"warnings": warnings}
+        metrics["eval_data"] = results.pop("eval_data")
         save_sae(sae, out, train_cfg.dtype)
         density_histogram(freqs, out / "density.png")
         write_output(out / "metrics.json", json.dumps(metrics, indent=2))

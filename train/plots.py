@@ -4,7 +4,8 @@
   fraction of tokens on which f_i > 0); dead latents (frequency 0, no logarithm)
   are counted in a separate bar at the left.
 - ``frontier_plot``: a sparsity/fidelity frontier, x (e.g. L0) against y (e.g. FVU
-  or CE loss recovered), one marker series per architecture.
+  or CE loss recovered), one marker series per architecture and evaluation data (runs
+  evaluated on different data are never joined; the title names the data when all share it).
 """
 
 from __future__ import annotations
@@ -63,22 +64,46 @@ def density_histogram(freqs: torch.Tensor | Sequence[float], path: str | Path) -
     return _save(fig, path)
 
 
-def frontier_plot(runs: Sequence[dict], path: str | Path, x: str = "l0", y: str = "fvu") -> Path:
-    """Scatter-and-line of ``run[y]`` against ``run[x]``, one series per ``run["arch"]``."""
+def _data_name(run: dict) -> str:
+    """The name of the data ``run`` was evaluated on (its ``eval_data``), "" when not said."""
+    return (run.get("eval_data") or {}).get("name", "")
+
+
+def frontier_series(
+    runs: Sequence[dict], x: str = "l0", y: str = "fvu"
+) -> tuple[dict[str, list[tuple[float, float]]], str | None]:
+    """({label: sorted (x, y) points}, the data every run was evaluated on or None): one
+    series per ``run["arch"]`` and evaluation data (``run["eval_data"]["name"]``), labelled
+    with the data's name when the runs were evaluated on more than one."""
     for r in runs:
         if not {"arch", x, y} <= r.keys():
             raise ValueError(f"run {r} lacks one of 'arch', {x!r}, {y!r}")
+    names = sorted({_data_name(r) for r in runs})
+    series = {}
+    for arch, name in sorted({(r["arch"], _data_name(r)) for r in runs}):
+        label = f"{arch}, {name or 'data not named'}" if len(names) > 1 else arch
+        series[label] = sorted(
+            (r[x], r[y]) for r in runs if (r["arch"], _data_name(r)) == (arch, name)
+        )
+    return series, names[0] if len(names) == 1 and names[0] else None
+
+
+def frontier_plot(runs: Sequence[dict], path: str | Path, x: str = "l0", y: str = "fvu") -> Path:
+    """Scatter-and-line of ``run[y]`` against ``run[x]``, one series per architecture and
+    evaluation data (``frontier_series``): runs on different data are never one line. The
+    title names the data when every run shares it, else the legend does."""
+    series, data = frontier_series(runs, x, y)
     fig, ax = _pyplot().subplots(figsize=FIGSIZE)
-    for arch in sorted({r["arch"] for r in runs}):
-        points = sorted((r[x], r[y]) for r in runs if r["arch"] == arch)
-        ax.plot(*zip(*points, strict=True), marker="o", label=arch)
+    for label, points in series.items():
+        ax.plot(*zip(*points, strict=True), marker="o", label=label)
     ax.set_xlabel(LABELS.get(x, x))
     ax.set_ylabel(LABELS.get(y, y))
     if runs:
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title(f"{LABELS.get(y, y)} vs {LABELS.get(x, x)}")
+    title = f"{LABELS.get(y, y)} vs {LABELS.get(x, x)}"
+    ax.set_title(f"{title} on {data}" if data else title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)

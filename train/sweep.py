@@ -245,7 +245,8 @@ def _sweep(
 
 
 def table(cfgs: list[RunConfig], names: list[str], results: list[dict]) -> str:
-    """A markdown table: one row per member, its settings that vary and its metrics."""
+    """A markdown table: one row per member, its settings that vary and its metrics; then the
+    data they were evaluated on."""
     varied = [n for n in SWEEPABLE if len({getattr(c, n) for c in cfgs}) > 1] or ["arch"]
     keys = [k for k in TABLE_KEYS if k in METRIC_KEYS]
     head = ["run", *varied, *keys]
@@ -254,6 +255,8 @@ def table(cfgs: list[RunConfig], names: list[str], results: list[dict]) -> str:
         values = [getattr(cfg, n) for n in varied]
         values += ["n/a" if res.get(k) is None else format(res[k], ".4g") for k in keys]
         lines.append("| " + " | ".join(map(str, [name, *values])) + " |")
+    data = sorted({r["eval_data"]["name"] for r in results if r.get("eval_data")})
+    lines += ["", f"Evaluated on {', '.join(data)}."] if data else []
     return "\n".join(lines) + "\n"
 
 

@@ -4,8 +4,9 @@
 smoke tests; any other name is a Hugging Face model id or local path (extra ``hf``), loaded
 with its causal-LM head when the checkpoint has one, else as its base model (``AutoModel``,
 no next-token metrics). Every subject packs text (by default the Python standard library's
-source, train or held-out files) into ``[S, seq_len]`` token sequences that start with BOS
-(a tokenizer without one: its CLS, else its EOS).
+source, train or held-out files) into ``[S, seq_len]`` token sequences as ``text.PACKING``
+says: each starts with BOS (a tokenizer without one: its CLS, else nothing), and each document
+is followed by EOS (else SEP, else nothing).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 from ..errors import UserError
 from ..hooks import block_lists, resolve_site
 from ..paths import files_digest, hub_offline, looks_like_path
-from ..text import Packed, documents, pack
+from ..text import HELD_OUT, PACKING, Packed, documents, pack
 from .bytelm import BOS, ByteLM, ByteLMConfig, load_bytelm
 from .hf_layouts import LAYOUTS
 
@@ -39,7 +40,25 @@ class Subject:
     key: str  # identifies the weights; part of every cache key
     d_model: int
     n_layers: int
-    bos: int  # token id that starts every sequence
+    bos: int | None  # token id that starts every sequence (None: none does)
+    start_token: str | None = "bos"  # which token that is: "bos", "cls" or None
+    separator: int | None = None  # token id after every document (None: none)
+    separator_token: str | None = None  # which token that is: "eos", "sep" or None
+
+    @property
+    def special_tokens(self) -> tuple[int, ...]:
+        """The start and separator token ids: never cached, never counted in metrics."""
+        return tuple(t for t in (self.bos, self.separator) if t is not None)
+
+    def packing(self) -> dict:
+        """How this subject's sequences are packed (recorded in cache manifests)."""
+        return {
+            "layout": PACKING,
+            "start_token": self.start_token,
+            "start_token_id": self.bos,
+            "separator_token": self.separator_token,
+            "separator_token_id": self.separator,
+        }
 
     @property
     def default_site(self) -> str:
@@ -68,16 +87,28 @@ class Subject:
         text: str | None = None,
         text_field: str = "text",
     ) -> Packed:
-        """Sequences holding at least ``tokens`` tokens after BOS, from ``text`` (default: the
-        stdlib files of ``split``; records' ``text_field`` for JSONL and datasets); "val"
-        sequences are evenly spaced over the whole source."""
+        """Sequences holding at least ``tokens`` tokens after the start token, from the documents
+        of ``split`` ("train", "val": held out, "all") of ``text`` (default: the stdlib;
+        records' ``text_field`` for JSONL and datasets). The stdlib's held-out sequences are
+        evenly spaced over all its held-out files; other sources are read only as far as
+        needed."""
         if seq_len < 2:
             raise UserError(f"--seq-len must be at least 2 (BOS and one token), not {seq_len}")
         docs = documents(text, split, seed if split == "train" else None, text_field)
-        n_seqs = -(-tokens // (seq_len - 1))
-        return pack(
-            docs, self.tokenize, self.bos, seq_len, n_seqs, seed, evenly_spaced=split != "train"
-        )
+        n_seqs = -(-tokens // (seq_len - (self.bos is not None)))
+        evenly = split != "train" and text is None
+        try:
+            return pack(
+                docs, self.tokenize, self.bos, seq_len, n_seqs, seed, evenly, self.separator
+            )
+        except UserError as e:
+            if split != "val" or text is None:
+                raise
+            raise UserError(
+                f"the held-out split of --text {text} ({HELD_OUT}) is too small: {e}; give a "
+                "source of more documents (a directory, a .jsonl with one record per document) "
+                "or evaluation text with --eval-text"
+            ) from e
 
 
 @dataclass
@@ -193,7 +224,9 @@ class HFSubject(Subject):
             raise UserError(f"cannot load the tokenizer of {self.name!r}: {e}") from e
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        """Token ids of whole documents; no "longer than the maximum sequence length" warning:
+        packing cuts them into sequences of the context's length."""
+        return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def _fresh_weights(info: dict) -> list[str]:
@@ -263,12 +296,16 @@ def hf_subject(name: str) -> HFSubject:
         "w" + weights_digest(local)[:16] if is_local else getattr(config, "_commit_hash", None)
     )
     key = "hf-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + f"-{revision}"
-    subject = HFSubject(source, key, config.hidden_size, config.num_hidden_layers, -1, config)
+    subject = HFSubject(
+        source, key, config.hidden_size, config.num_hidden_layers, None, config=config
+    )
     tok = subject.tokenizer
-    starts = (tok.bos_token_id, getattr(tok, "cls_token_id", None), tok.eos_token_id)
-    subject.bos = next((t for t in starts if t is not None), None)
-    if subject.bos is None:
-        raise UserError(f"the tokenizer of {name!r} has no BOS, CLS or EOS token")
+    starts = {"bos": tok.bos_token_id, "cls": getattr(tok, "cls_token_id", None)}
+    subject.start_token = next((k for k, t in starts.items() if t is not None), None)
+    subject.bos = starts.get(subject.start_token)
+    separators = {"eos": tok.eos_token_id, "sep": getattr(tok, "sep_token_id", None)}
+    subject.separator_token = next((k for k, t in separators.items() if t is not None), None)
+    subject.separator = separators.get(subject.separator_token)
     return subject
 
 
@@ -277,7 +314,7 @@ def get_subject(name: str, seq_len: int) -> Subject:
     if name in BYTELM_PRESETS:
         cfg = BYTELM_PRESETS[name]
         subject, context = (
-            ByteLMSubject(name, cfg.key(), cfg.d_model, cfg.n_layer, BOS, cfg),
+            ByteLMSubject(name, cfg.key(), cfg.d_model, cfg.n_layer, BOS, cfg=cfg),
             cfg.seq_len,
         )
     else:

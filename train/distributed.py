@@ -235,20 +235,19 @@ def check_agree(items: dict[str, object]) -> None:
             a, b = ours.get(name), theirs.get(name)
             if a != b:
                 raise DistributedError(
-                    f"the ranks disagree: {name} differs between rank 0 and rank {r} "
-                    f"({_difference(a, b)}); every rank must run the same command on the "
-                    "same cache and code"
+                    f"the ranks disagree on {name}: {_difference(a, b, r)}; every rank must "
+                    "run the same command on the same cache and code"
                 )
 
 
-def _difference(a: object, b: object) -> str:
-    """What differs between rank 0's ``a`` and another rank's ``b``: the first differing key
-    of two dicts (recursively), else both values."""
+def _difference(a: object, b: object, r: int) -> str:
+    """What differs between rank 0's ``a`` and rank ``r``'s ``b``: the first differing key of
+    two dicts (recursively), else both values."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(a.keys() | b.keys(), key=str):
             if a.get(key) != b.get(key):
-                return f"{key}: {_difference(a.get(key), b.get(key))}"
-    return f"{a!r} on rank 0, {b!r} on the other"
+                return f"{key} {_difference(a.get(key), b.get(key), r)}"
+    return f"is {a!r} on rank 0, {b!r} on rank {r}"
 
 
 def digest(value: object) -> str:

@@ -185,8 +185,10 @@ def main() -> None:
         return worker(args)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("scaling_bench.py: unset TRITON_INTERPRET; interpreted timings mean nothing.")
-    args.passthrough = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
-                        ("device", "d", "n-latents", "batch-size", "steps", "dtype", "site")]
+    args.passthrough = [
+        f"--{k}={getattr(args, k.replace('-', '_'))}"
+        for k in ("device", "d", "n-latents", "batch-size", "steps", "dtype", "site")
+    ]
     env = environment()
     print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
     with tempfile.TemporaryDirectory() as tmp:

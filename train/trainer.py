@@ -137,11 +137,10 @@ def load_state(
     try:
         saved, now = state.get("world_size", 1), distributed.world_size()
         if saved != now:
-            launch = lambda n: "one process" if n == 1 else f"{n} processes (torchrun)"  # noqa: E731
             raise UserError(
-                f"{path} was saved by a run of {launch(saved)}, and this one has "
-                f"{launch(now)}; resume it with {launch(saved)}: the data order and the "
-                "batches per rank depend on the world size"
+                f"{path} was saved by a run of {_processes(saved)}, and this one has "
+                f"{_processes(now)}; resume it with {_processes(saved)}: the data order and "
+                "the batches per rank depend on the world size"
             )
         sae.load_state_dict(state["sae"])
         opt.load_state_dict(state["opt"])
@@ -155,6 +154,10 @@ def load_state(
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise unreadable(e) from e
     return step, last_fired.to(sae.W_dec.device)
+
+
+def _processes(n: int) -> str:
+    return "one process" if n == 1 else f"{n} processes (torchrun)"
 
 
 class SAETraining:

@@ -348,7 +348,7 @@ def check_in_sync(module: torch.nn.Module, step: int) -> None:
         return
     names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
     tensors = [*module.parameters(), *module.buffers()]
-    local = torch.stack([t.detach().double().sum() for t in tensors])
+    local = torch.stack([t.detach().sum(dtype=torch.float64) for t in tensors])
     parts = [torch.empty_like(local) for _ in range(_RANKS.world_size)]
     with _contact("comparing the ranks' weights"):
         dist.all_gather(parts, local, group=_RANKS.group)

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 
-# Make variables in capitals pass through to `python -m flashsae.train`.
+# Make variables in capitals pass through to `python -m flashsae.train` (NPROC: see train).
 FLAGS := MODEL SITE ARCH N_LATENTS K TOKENS BATCH_SIZE LR SPARSITY_COEFF CACHE OUT DEVICE SEED TEXT TEXT_FIELD SWEEP
 TRAIN_ARGS := $(foreach v,$(FLAGS),$(if $($(v)),--$(subst _,-,$(shell echo $(v) | tr A-Z a-z)) $($(v))))
 
@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[train,dev,hf,datasets]"
 	touch $(STAMP)
 
+# NPROC=N (N > 1): N data-parallel processes on this machine (torchrun; one per GPU).
+LAUNCH := $(if $(filter-out 0 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC),$(PY))
+
 train: $(STAMP)
-	$(PY) -m flashsae.train $(TRAIN_ARGS)
+	$(LAUNCH) -m flashsae.train $(TRAIN_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

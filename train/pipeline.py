@@ -8,6 +8,10 @@ training -> held-out evaluation with the SAE spliced in -> ``sae.safetensors`` +
     from flashsae.train import RunConfig, load_sae, run
     metrics = run(RunConfig(arch="gated", tokens=1_000_000, out=Path("runs/gated")))
     sae = load_sae("runs/gated")
+
+Under ``torchrun`` (data parallel, ``distributed``) every rank calls ``run`` with the same
+settings: rank 0 does all of the above, the others train beside it on their share of each
+batch (``follow``) and write nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from flashsae.cache.locks import exclusive_lock
 from flashsae.cache.models.subjects import Subject, get_subject, pick_device
 from flashsae.cache.shards import open_cache, site_stats
 
+from . import distributed
 from .checkpoint import save_sae
 from .config import RunConfig
 from .eval import EvalData, check_cache_model, evaluate
@@ -39,7 +44,7 @@ from .metrics import METRIC_KEYS, metric_warnings
 from .plots import density_histogram
 from .sae import SAE, input_scale, make_sae
 from .trainer import SAETraining, TrainConfig, train_many
-from .wandb_log import RunLogger
+from .wandb_log import NullLogger, RunLogger
 
 
 @dataclass
@@ -48,12 +53,12 @@ class RunData:
 
     cfg: RunConfig  # with site and n_latents resolved
     subject: Subject
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None on the ranks other than 0 (they do not evaluate)
     device: str
     cache: Path
     manifest: dict
-    eval_data: EvalData
-    eval_seqs: torch.Tensor  # the token sequences of eval_data the run is evaluated on
+    eval_data: EvalData | None  # None on the ranks other than 0
+    eval_seqs: torch.Tensor | None  # the token sequences of eval_data the run is evaluated on
 
     def new_sae(self, cfg: RunConfig | None = None) -> SAE:
         """A freshly initialised SAE of ``cfg`` (default: this run's) for this data, on the
@@ -110,12 +115,49 @@ def resolved(cfg: RunConfig, subject: Subject) -> RunConfig:
 
 def prepare(cfg: RunConfig, subject: Subject | None = None) -> RunData:
     """Load the subject model (``subject``, or the one ``cfg.model`` names) and build (or reuse,
-    or open) the activation cache of ``cfg``. Seeds torch's RNG with ``cfg.seed`` first."""
+    or open) the activation cache of ``cfg``. Seeds torch's RNG with ``cfg.seed`` first.
+
+    Under torchrun, rank 0 does this while the other ranks wait; then they open the cache rank
+    0 uses (their own ``--cache`` when given), which must be on their file system too, without
+    the subject model, and every rank checks that their caches' manifests are the same."""
     cfg.check()
-    device = pick_device(cfg.device)
+    device = distributed.rank_device(pick_device(cfg.device))
     subject = subject or get_subject(cfg.model, cfg.seq_len)
     cfg = resolved(cfg, subject)
     torch.manual_seed(cfg.seed)
+    model = cache = manifest = eval_data = eval_seqs = None
+    if distributed.is_main():
+        model, cache, manifest, eval_data, eval_seqs = _open_data(cfg, subject, device)
+    cache = Path(distributed.share(None if cache is None else str(cache)))
+    if not distributed.is_main():
+        cache = cfg.cache or cache
+        if not cache.exists():
+            raise UserError(
+                f"{distributed.current().name}: the activation cache {cache} is not on this "
+                "machine; every machine of the job must see the same cache (a shared file "
+                "system, or a copy at the same path, or --cache)"
+            )
+        manifest = open_cache(cache, cfg.site)
+    distributed.check_agree(
+        {"the activation cache (manifest digest)": distributed.digest(manifest)}
+    )
+    mean, mean_sq_norm = site_stats(manifest, cfg.site)
+    if not (torch.isfinite(mean).all() and math.isfinite(mean_sq_norm) and mean_sq_norm > 0):
+        raise UserError(
+            f"{cache}: the activations of {cfg.site} are NaN, inf or all zero (mean squared "
+            f"norm {mean_sq_norm:.4g}, finite mean: {bool(torch.isfinite(mean).all())}); "
+            "rebuild the cache"
+        )
+    return RunData(
+        replace(cfg, cache=cache), subject, model, device, cache, manifest, eval_data, eval_seqs
+    )
+
+
+def _open_data(
+    cfg: RunConfig, subject: Subject, device: str
+) -> tuple[torch.nn.Module, Path, dict, EvalData, torch.Tensor]:
+    """``prepare``'s work on rank 0: (subject model, cache directory, its manifest, the
+    evaluation data and its token sequences)."""
     if cfg.cache is None:
         settings = cache_settings(
             subject,
@@ -151,16 +193,7 @@ def prepare(cfg: RunConfig, subject: Subject | None = None) -> RunData:
         manifest = build(subject, model, settings, cache)
     else:
         cache = cfg.cache
-    mean, mean_sq_norm = site_stats(manifest, cfg.site)
-    if not (torch.isfinite(mean).all() and math.isfinite(mean_sq_norm) and mean_sq_norm > 0):
-        raise UserError(
-            f"{cache}: the activations of {cfg.site} are NaN, inf or all zero (mean squared "
-            f"norm {mean_sq_norm:.4g}, finite mean: {bool(torch.isfinite(mean).all())}); "
-            "rebuild the cache"
-        )
-    return RunData(
-        replace(cfg, cache=cache), subject, model, device, cache, manifest, eval_data, eval_seqs
-    )
+    return model, cache, manifest, eval_data, eval_seqs
 
 
 # the settings --resume may change (their flags): neither changes what is computed; --resume
@@ -220,19 +253,62 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     failure keeps what ``--resume`` needs. ``metrics.json``, written last, marks a finished run.
     """
     cfg.check()
-    subject = get_subject(cfg.model, cfg.seq_len)
-    out, name = run_dir(resolved(cfg, subject))
-    check_run_dir(out, resume)
-    existed = out.exists()
-    try:
-        with exclusive_lock(out, "a training run"):
-            check_run_dir(out, resume)  # again: another run may have finished meanwhile
-            with removed_on_failure(out, keep=lambda: (out / "train_state.pt").exists()):
-                return _train(prepare(cfg, subject), out, name)
-    finally:
-        if not existed:
-            with contextlib.suppress(OSError):
-                out.rmdir()  # only when empty: a run that failed before its first step
+    with distributed.started(pick_device(cfg.device)):
+        check_ranks([cfg])
+        if not distributed.is_main():
+            return follow([cfg])
+        subject = get_subject(cfg.model, cfg.seq_len)
+        out, name = run_dir(resolved(cfg, subject))
+        check_run_dir(out, resume)
+        existed = out.exists()
+        try:
+            with exclusive_lock(out, "a training run"):
+                check_run_dir(out, resume)  # again: another run may have finished meanwhile
+                with removed_on_failure(out, keep=lambda: (out / "train_state.pt").exists()):
+                    return _train(prepare(cfg, subject), out, name)
+        finally:
+            if not existed:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # only when empty: a run that failed before its first step
+
+
+def check_ranks(cfgs: list[RunConfig]) -> None:
+    """Under torchrun: refuse (on every rank) settings, code or torch that differ between the
+    ranks, and a batch size that the ranks cannot share evenly."""
+    if distributed.current() is None:
+        return
+    items: dict[str, object] = {
+        "flashsae's source code (digest)": distributed.code_digest(),
+        "the torch version": torch.__version__,
+    }
+    for i, cfg in enumerate(cfgs):
+        flags = {f"--{k.replace('_', '-')}": v for k, v in json.loads(cfg.to_json()).items()}
+        flags.pop("--cache")  # the path may differ between machines; the manifests may not
+        items["the settings" if len(cfgs) == 1 else f"the settings of sweep member {i}"] = flags
+    distributed.check_agree(items)
+    world = distributed.world_size()
+    if cfgs[0].batch_size % world:
+        raise UserError(
+            f"--batch-size {cfgs[0].batch_size} (the global batch) does not divide among "
+            f"{world} ranks; choose a multiple of {world}"
+        )
+
+
+def follow(cfgs: list[RunConfig]) -> dict | list[dict]:
+    """The work of a rank other than 0 in a run or sweep of ``cfgs``: train the members rank 0
+    trains (from its start state, on this rank's share of each batch), write and log nothing;
+    what rank 0 returns (the metrics of the run, or the list of the sweep's), once it has
+    evaluated and saved."""
+    data = prepare(cfgs[0])
+    members = []
+    for i in distributed.share(None):  # the members rank 0 trains
+        cfg = resolved(cfgs[i], data.subject)
+        torch.manual_seed(cfg.seed)
+        sae = data.new_sae(cfg)
+        members.append(SAETraining(sae, train_config(cfg, data.device), NullLogger()))
+    if members:
+        train_many(members, loader_of(data))
+    return distributed.share(None)
 
 
 @contextlib.contextmanager
@@ -252,21 +328,23 @@ def removed_on_failure(out: Path, keep: Callable[[], bool]) -> Iterator[None]:
 
 def _train(data: RunData, out: Path, name: str) -> dict:
     """``run``'s work in the locked run directory ``out``."""
+    distributed.share([0])  # the members to train: the run's one
     member = start_member(data, data.cfg, out, name)
     try:
         summary = train_many([member], loader_of(data))[0]
     except BaseException:
         member.logger.abort()
         raise
-    return finish_member(data, member, summary)
+    return distributed.share(finish_member(data, member, summary))
 
 
 def loader_of(data: RunData) -> ActivationLoader:
-    """The training batches of ``data`` (seeded by its ``seed``, of its ``batch_size``)."""
-    cfg = data.cfg
+    """The training batches of ``data`` (seeded by its ``seed``, of its ``batch_size``); under
+    torchrun, this rank's share of them (``batch_size`` / N rows, disjoint from the others')."""
+    cfg, ranks = data.cfg, distributed.world_size()
     return ActivationLoader(
-        data.cache, cfg.site, cfg.batch_size, seed=cfg.seed, device=data.device,
-        verify=cfg.verify,
+        data.cache, cfg.site, cfg.batch_size // ranks, seed=cfg.seed, device=data.device,
+        verify=cfg.verify, rank=distributed.rank(), world_size=ranks,
     )  # fmt: skip
 
 

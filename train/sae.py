@@ -20,6 +20,8 @@ from torch import nn
 
 from flashsae.kernels import normalize_decoder_, remove_parallel_grad_, sparse_decode, topk
 
+from . import distributed
+
 SPARSITY_WARMUP = 0.05  # λ rises linearly from 0 over this first fraction of training
 
 
@@ -50,8 +52,17 @@ class SAELensLayout:
 
 
 def normalized_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Σ_t ||x_t - x̂_t||² / Σ_t ||x_t - mean(x)||² over the batch."""
-    return (x - x_hat).square().sum() / (x - x.mean(0)).square().sum().clamp_min(1e-12)
+    """Σ_t ||x_t - x̂_t||² / Σ_t ||x_t - mean(x)||² over the batch.
+
+    Under data parallelism the batch is the global one, the rows of all N ranks: the
+    denominator pools them (``distributed.pooled_sq_dev``) and each rank returns its share,
+    N·Σ_{its t} ||x_t - x̂_t||² / denominator, whose mean over the ranks is the global batch's
+    value, and whose gradient, averaged over the ranks, is that value's gradient."""
+    err = (x - x_hat).square().sum()
+    ranks = distributed.world_size()
+    if ranks == 1:
+        return err / (x - x.mean(0)).square().sum().clamp_min(1e-12)
+    return ranks * err / distributed.pooled_sq_dev(x).clamp_min(1e-12)
 
 
 def fired_latents(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:

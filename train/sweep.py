@@ -16,6 +16,10 @@ member has its own W&B run; the runs share the W&B group of the sweep's director
 
 Members are given as comma lists on the flags (``--arch topk,batchtopk --k 16,32``: every
 combination) or in a TOML file (``--sweep sweep.toml``, see ``read_sweep_file``).
+
+Under torchrun (data parallel) every member trains as a single run does: each rank steps every
+member on its share of the batch, each member's gradients averaged over the ranks; rank 0 alone
+writes, logs and evaluates.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from pathlib import Path
 
 from flashsae.cache.errors import UserError
 from flashsae.cache.locks import exclusive_lock
+from flashsae.cache.models.subjects import pick_device
 
+from . import distributed
 from .config import RunConfig, _parsed
 from .eval import sibling_runs
 from .files import write_output
@@ -37,8 +43,10 @@ from .metrics import METRIC_KEYS
 from .pipeline import (
     RESUMABLE,
     _same,
+    check_ranks,
     check_run_dir,
     finish_member,
+    follow,
     loader_of,
     prepare,
     removed_on_failure,
@@ -185,6 +193,15 @@ def run_sweep(cfgs: list[RunConfig], resume: bool = False) -> list[dict]:
     A sweep that fails before any member's first checkpoint leaves nothing behind.
     """
     check_members(cfgs)
+    with distributed.started(pick_device(cfgs[0].device)):
+        check_ranks(cfgs)
+        if not distributed.is_main():
+            return follow(cfgs)
+        return _sweep_locked(cfgs, resume)
+
+
+def _sweep_locked(cfgs: list[RunConfig], resume: bool) -> list[dict]:
+    """``run_sweep`` on rank 0 (or the one process): check and lock the directories, train."""
     out = sweep_dir(cfgs[0])
     names = member_names(cfgs)
     dirs = [out / n for n in names]
@@ -222,7 +239,7 @@ def _sweep(
     write_output(out / SWEEP_FILE, json.dumps({"members": names}, indent=2))
     finished = {i: json.loads((d / "metrics.json").read_text())
                 for i, d in enumerate(dirs) if (d / "metrics.json").exists()}  # fmt: skip
-    todo = [i for i in range(len(cfgs)) if i not in finished]
+    todo = distributed.share([i for i in range(len(cfgs)) if i not in finished])
     members = []
     try:
         for i in todo:
@@ -241,7 +258,7 @@ def _sweep(
         frontier_plot([r for r in runs if r.get(y) is not None], out / f"{png}.png", "l0", y)
     print(table(cfgs, names, results))
     print(f"sweep saved to {out}")
-    return results
+    return distributed.share(results)
 
 
 def table(cfgs: list[RunConfig], names: list[str], results: list[dict]) -> str:

@@ -15,6 +15,12 @@ step). Each step folds its check into a device-side "first bad step" (no sync); 
 read on logging steps and before every save, and a save after a bad step never happens, so
 ``train_state.pt`` stays the last state from before it. Adam is not guarded: a bad step
 poisons the weights and moments in memory, but they are discarded with the run.
+
+Under torchrun (``distributed``) every rank steps its own SAE on its share of each batch
+(``cfg.batch_size`` is the global batch): it starts from rank 0's state, its gradients,
+fired latents and buffers are combined after each backward pass (``distributed.reduce_step``),
+and on logging steps the logged losses are the mean over the ranks and the ranks' weights are
+checked to be identical. Only a ``state_path`` is saved to (rank 0's).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from tqdm.auto import tqdm
 from flashsae.cache.errors import UserError
 from flashsae.cache.loader import ActivationLoader
 
+from . import distributed
 from .config import RunConfig
 from .files import write_output
 from .sae import SAE
@@ -82,10 +89,11 @@ class NonFiniteLoss(UserError):
     """Training met a NaN or infinite loss or gradient norm."""
 
 
-def save_state(
-    path: Path, step: int, sae: SAE, opt: torch.optim.Optimizer, last_fired: torch.Tensor
-) -> None:
-    """Write the training state atomically (tensors and plain containers only)."""
+def training_state(
+    step: int, sae: SAE, opt: torch.optim.Optimizer, last_fired: torch.Tensor
+) -> dict:
+    """The training state (tensors and plain containers only), with the world size that made
+    it (``distributed.world_size``)."""
     state = {
         "step": step,
         "sae": sae.state_dict(),
@@ -93,15 +101,27 @@ def save_state(
         "last_fired": last_fired,
         "dead_budget": sae.dead_budget,
         "rng": torch.get_rng_state(),
+        "world_size": distributed.world_size(),
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_state(
+    path: Path, step: int, sae: SAE, opt: torch.optim.Optimizer, last_fired: torch.Tensor
+) -> None:
+    """Write the training state atomically."""
+    state = training_state(step, sae, opt, last_fired)
     write_output(path, lambda f: torch.save(state, f))
 
 
-def load_state(path: Path, sae: SAE, opt: torch.optim.Optimizer) -> tuple[int, torch.Tensor]:
-    """Restore a ``save_state`` file (``weights_only``: no code runs); (step, last_fired).
-    A UserError when the file is truncated, garbage or of another SAE."""
+def load_state(
+    path: Path | str, sae: SAE, opt: torch.optim.Optimizer, state: dict | None = None
+) -> tuple[int, torch.Tensor]:
+    """Restore a ``save_state`` file (``weights_only``: no code runs), or the ``state`` dict
+    read already (``path`` then only names it); (step, last_fired). A UserError when the file
+    is truncated, garbage or of another SAE, or was saved by a run of another world size."""
 
     def unreadable(e: Exception) -> UserError:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -110,10 +130,18 @@ def load_state(path: Path, sae: SAE, opt: torch.optim.Optimizer) -> tuple[int, t
         )
 
     try:
-        state = torch.load(path, map_location=sae.W_dec.device, weights_only=True)
+        if state is None:
+            state = torch.load(path, map_location=sae.W_dec.device, weights_only=True)
     except Exception as e:  # a damaged file fails in many ways (pickle, zip, EOF, index, ...)
         raise unreadable(e) from e
     try:
+        saved, now = state.get("world_size", 1), distributed.world_size()
+        if saved != now:
+            raise UserError(
+                f"{path} was saved by a run of {_processes(saved)}, and this one has "
+                f"{_processes(now)}; resume it with {_processes(saved)}: the data order and "
+                "the batches per rank depend on the world size"
+            )
         sae.load_state_dict(state["sae"])
         opt.load_state_dict(state["opt"])
         sae.dead_budget = state.get("dead_budget")
@@ -125,7 +153,11 @@ def load_state(path: Path, sae: SAE, opt: torch.optim.Optimizer) -> tuple[int, t
             raise ValueError("unexpected step or dead-latent counters")
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise unreadable(e) from e
-    return step, last_fired
+    return step, last_fired.to(sae.W_dec.device)
+
+
+def _processes(n: int) -> str:
+    return "one process" if n == 1 else f"{n} processes (torchrun)"
 
 
 class SAETraining:
@@ -159,6 +191,11 @@ class SAETraining:
                 )
             self.saved = self.first
             print(f"resuming from {state_path} at step {self.first} of {steps}")
+        start = distributed.share_state(
+            lambda: training_state(self.first, sae, self.opt, self.last_fired)
+        )
+        if start is not None:  # another rank than 0: start where rank 0 starts
+            self.first, self.last_fired = load_state("rank 0's state", sae, self.opt, start)
         self.first_bad = torch.full((), steps, dtype=torch.long, device=device)  # none yet
         self.start = self.t_log = time.time()
         self.step_log = self.first
@@ -198,6 +235,7 @@ class SAETraining:
             loss, parts, fired = sae.training_loss(x, dead, step / self.steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        fired = distributed.reduce_step(sae, fired)  # mean gradients, OR of fired, over ranks
         sae.before_step()
         grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), sae.grad_clip or float("inf"))
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
@@ -214,6 +252,9 @@ class SAETraining:
             self.save(done)
         if step % cfg.log_every == 0 or done == self.steps:  # the only host syncs of the loop
             self.check_finite()
+            loss, *values = distributed.mean_over_ranks([loss, *parts.values()])
+            parts = dict(zip(parts, values, strict=True))
+            distributed.check_in_sync(sae, done)
             last = dead_latents(self.last_fired, done * cfg.batch_size, cfg.dead_window)
             sae.dead_budget = aux_budget(int(last.sum()))
             now = time.time()
@@ -260,8 +301,9 @@ def train_many(members: list[SAETraining], loader: ActivationLoader) -> list[dic
     first, last = min(m.first for m in members), max(m.steps for m in members)
     batches = loader.batches(start=first)
     bar = tqdm(
-        total=last * size, initial=first * size, desc="training SAE", unit="tok", unit_scale=True
-    )
+        total=last * size, initial=first * size, desc="training SAE", unit="tok", unit_scale=True,
+        disable=not distributed.is_main(),
+    )  # fmt: skip
     try:
         for step in range(first, last):
             batch = next(batches)

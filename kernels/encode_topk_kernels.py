@@ -103,7 +103,7 @@ def _z_tile(
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = xc_rows + ks[None, :]
     w_ptrs = w_ptr + ks[:, None].to(tl.int64) * N + cols[None, :]
-    w_step = BLOCK_K * N.to(tl.int64)
+    w_step = tl.full([], BLOCK_K, tl.int64) * N  # N may be a constexpr (1)
     for k0 in range(0, D, BLOCK_K):
         if EVEN_K:
             xc = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)

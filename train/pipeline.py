@@ -263,7 +263,9 @@ def finish_member(data: RunData, member: SAETraining, summary: dict) -> dict:
     out = member.state_path.parent
     try:
         sae.eval()
-        results, freqs = evaluate(sae, data.model, data.eval_sequences())
+        results, freqs = evaluate(
+            sae, data.model, data.eval_sequences(), batch_size=data.cfg.eval_batch_size
+        )
         warnings = metric_warnings(results)
         for line in warnings:
             print(f"warning: {line}", file=sys.stderr)
@@ -296,4 +298,5 @@ def train_config(cfg: RunConfig, device: str) -> TrainConfig:
         dead_window=cfg.dead_window,
         checkpoint_every=cfg.checkpoint_every,
         dtype=dtype,
+        target_l0=cfg.target_l0,
     )

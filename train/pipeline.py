@@ -129,6 +129,8 @@ def prepare(cfg: RunConfig, subject: Subject | None = None) -> RunData:
     return RunData(replace(cfg, cache=cache), subject, model, device, cache, manifest)
 
 
+TARGET_L0_TOLERANCE = 0.1  # relative miss of --target-l0 beyond which the run warns
+
 # the settings --resume may change (their flags): neither changes what is computed; --resume
 # refuses to change any other
 RESUMABLE = {"device": "--device", "verify": "--no-verify"}
@@ -266,7 +268,7 @@ def finish_member(data: RunData, member: SAETraining, summary: dict) -> dict:
         results, freqs = evaluate(
             sae, data.model, data.eval_sequences(), batch_size=data.cfg.eval_batch_size
         )
-        warnings = metric_warnings(results)
+        warnings = metric_warnings(results) + target_l0_warnings(results, summary)
         for line in warnings:
             print(f"warning: {line}", file=sys.stderr)
         metrics = {k: results[k] for k in METRIC_KEYS} | summary | {"warnings": warnings}
@@ -286,6 +288,20 @@ def finish_member(data: RunData, member: SAETraining, summary: dict) -> dict:
     print(json.dumps(metrics, indent=2))
     print(f"run saved to {out}")
     return metrics
+
+
+def target_l0_warnings(results: dict, summary: dict) -> list[str]:
+    """A warning when a run with ``--target-l0`` ends with a held-out L0 more than
+    ``TARGET_L0_TOLERANCE`` from its target."""
+    target = summary.get("target_l0")
+    if target is None or abs(results["l0"] / target - 1) <= TARGET_L0_TOLERANCE:
+        return []
+    return [
+        f"--target-l0 {target:g} missed: held-out L0 {results['l0']:.3g} with λ ending at "
+        f"{summary['sparsity_coeff']:.3g}; more steps (tokens / batch size) get closer, and "
+        "some targets are out of an architecture's reach (JumpReLU's L0 can stay below N "
+        "even at λ = 0)"
+    ]
 
 
 def train_config(cfg: RunConfig, device: str) -> TrainConfig:

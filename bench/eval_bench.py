@@ -1,7 +1,9 @@
 """Wall time of the held-out evaluation (``flashsae.train.eval.evaluate``) of one SAE.
 
-Two subjects: the bundled ``bytelm`` at its default site with the default ``make train``
-evaluation (65536 held-out tokens in sequences of 128, batches of 32), and a tiny randomly
+Two subjects: the bundled ``bytelm`` (its architecture, randomly initialised, so that nothing
+is trained first: the time does not depend on the weights) at its default site with the
+default ``make train`` evaluation (65536 held-out tokens in sequences of 128, batches of 32),
+and a tiny randomly
 initialised Hugging Face Llama (4 layers, d_model 256, vocabulary 8192) on random tokens, its
 middle-block site. The SAE is a randomly initialised TopK SAE (16 x d latents, k = 32): the
 evaluation's cost does not depend on its weights. Each configuration is timed ``--repeats``
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import environment  # noqa: E402
 
 import flashsae.train.eval as eval_module  # noqa: E402
+from flashsae.cache.models.bytelm import ByteLM, ByteLMConfig  # noqa: E402
 from flashsae.cache.models.subjects import get_subject  # noqa: E402
 from flashsae.train.sae import make_sae  # noqa: E402
 
@@ -48,7 +51,8 @@ def tiny_llama(device: str) -> torch.nn.Module:
 def cases(device: str) -> list[tuple[str, torch.nn.Module, str, torch.Tensor, int]]:
     """(name, model, site, token sequences, d_model) of each subject."""
     subject = get_subject("bytelm", 128)
-    bytelm = subject.load(device)
+    torch.manual_seed(0)
+    bytelm = ByteLM(ByteLMConfig()).to(device).eval()  # untrained: the time is the same
     seqs = subject.sequences("val", 65536, 128, seed=0).tokens
     llama = tiny_llama(device)
     tokens = torch.randint(1, 8192, (128, 128), generator=torch.Generator().manual_seed(0))

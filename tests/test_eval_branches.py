@@ -4,7 +4,10 @@
 import pytest
 import torch
 
+from flashsae.cache.errors import UserError
 from flashsae.cache.models.bytelm import ByteLM, ByteLMConfig
+from flashsae.train import RunConfig
+from flashsae.train import eval as eval_cli
 from flashsae.train.eval import branch_plan, evaluate
 from flashsae.train.metrics import LM_KEYS
 from flashsae.train.sae import make_sae
@@ -97,3 +100,10 @@ def test_unmapped_models_and_sites_outside_blocks_use_separate_forwards():
     assert branch_plan(wrapped, "0.blocks.0.hook_resid_post") is None
     with pytest.raises(ValueError, match="cannot run the branches as one batch"):
         evaluate(random_sae(32, "ln_f"), model, torch.randint(0, 256, (2, 8)), batched=True)
+
+
+def test_eval_batch_size_must_be_positive(tmp_path, capsys):
+    assert eval_cli.main([str(tmp_path), "--eval-batch-size", "0"]) == 2
+    assert "--eval-batch-size must be positive" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--eval-batch-size must be positive"):
+        RunConfig(eval_batch_size=0).check()

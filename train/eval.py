@@ -1,6 +1,7 @@
 """Evaluate an SAE on held-out activations and spliced back into its model at its site.
 
-``python -m flashsae.train.eval RUN_DIR [--cache DIR] [--model M] [--tokens N]`` writes
+``python -m flashsae.train.eval RUN_DIR [--cache DIR] [--model M] [--tokens N]
+[--eval-batch-size B]`` writes
 ``eval.json`` (the keys of ``metrics.json``), ``eval.md``, ``density.png`` and, for
 all runs beside RUN_DIR, ``frontier_fvu.png`` and ``frontier_ce.png`` in the parent
 folder; it logs them to the run's W&B entry when there is one.

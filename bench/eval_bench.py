@@ -6,22 +6,25 @@ default ``make train`` evaluation (65536 held-out tokens in sequences of 128, ba
 and a tiny randomly
 initialised Hugging Face Llama (4 layers, d_model 256, vocabulary 8192) on random tokens, its
 middle-block site. The SAE is a randomly initialised TopK SAE (16 x d latents, k = 32): the
-evaluation's cost does not depend on its weights. Each configuration is timed ``--repeats``
-times after a warm-up batch; the table gives the median. With ``batched`` False (where the
-installed ``evaluate`` has that argument) the three branches run as separate forwards.
+evaluation's cost does not depend on its weights. Modes: "one forward" (``evaluate``, the
+layers before the site once per batch), "separate forwards" (``batched=False``: clean, SAE and
+zero forwards) and, with ``--baseline``, another version's ``evaluate``. After a warm-up batch
+each, ``--repeats`` rounds time every mode once (so that a change of load on a shared machine
+hits every mode alike); the table gives the median.
 
-    python bench/eval_bench.py [--repeats 3] [--device cpu]
+    git show main:train/eval.py > /tmp/eval_main.py
+    python bench/eval_bench.py --baseline /tmp/eval_main.py --label main [--repeats 3]
 
-A JSON line per measurement goes to ``bench/results/eval.jsonl``. Run the same script against
-an older checkout (its ``flashsae`` first on PYTHONPATH) to time that version's evaluation.
+A JSON line per measurement goes to ``bench/results/eval.jsonl``.
 """
 
 import argparse
-import inspect
+import importlib.util
 import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -62,38 +65,53 @@ def cases(device: str) -> list[tuple[str, torch.nn.Module, str, torch.Tensor, in
     ]
 
 
+def load_baseline(path: Path) -> object:
+    """The ``evaluate`` of another version's ``train/eval.py`` (e.g. ``git show main:train/eval.py
+    > /tmp/eval_main.py``), imported inside ``flashsae.train`` so that its relative imports
+    resolve to this checkout's modules."""
+    spec = importlib.util.spec_from_file_location("flashsae.train._eval_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.evaluate
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="rounds; each times every mode once")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--label", default="", help="what is timed (e.g. the code's version)")
+    p.add_argument("--baseline", type=Path, default=None, help="another version's eval.py")
+    p.add_argument("--label", default="", help="what the baseline is (e.g. its commit)")
     args = p.parse_args()
     env = environment()
-    has_batched = "batched" in inspect.signature(eval_module.evaluate).parameters
-    modes = [True, False] if has_batched else [None]
-    print(f"{env['device']}, torch {env['torch']}, {eval_module.__file__}")
+    modes = {
+        "one forward": partial(eval_module.evaluate, batched=True),
+        "separate forwards": partial(eval_module.evaluate, batched=False),
+    }
+    if args.baseline is not None:
+        modes = {f"baseline {args.label}".strip(): load_baseline(args.baseline), **modes}
+    print(f"{env['device']}, torch {env['torch']}, {torch.get_num_threads()} threads")
     print("| subject | sequences x tokens | mode | median s | runs |")
     print("|---|---|---|---|---|")
     for name, model, site, seqs, d in cases(args.device):
         torch.manual_seed(0)
         sae = make_sae("topk", 16 * d, torch.zeros(d), float(d), k=32, site=site, model=name)
         sae = sae.to(args.device).eval()
-        for batched in modes:
-            kwargs = {} if batched is None else {"batched": batched}
-            eval_module.evaluate(sae, model, seqs[: args.batch_size], args.batch_size, **kwargs)
-            times = []
-            for _ in range(args.repeats):
+        times: dict[str, list[float]] = {mode: [] for mode in modes}
+        for evaluate in modes.values():
+            evaluate(sae, model, seqs[: args.batch_size], args.batch_size)  # warm-up
+        for _ in range(args.repeats):  # rounds, so that a change of load hits every mode
+            for mode, evaluate in modes.items():
                 start = time.perf_counter()
-                eval_module.evaluate(sae, model, seqs, args.batch_size, **kwargs)
-                times.append(time.perf_counter() - start)
-            mode = {None: "as installed", True: "one forward", False: "separate forwards"}
-            median = statistics.median(times)
+                evaluate(sae, model, seqs, args.batch_size)
+                times[mode].append(time.perf_counter() - start)
+        for mode, ts in times.items():
+            median = statistics.median(ts)
             shape = f"{seqs.shape[0]} x {seqs.shape[1]}"
-            print(f"| {name} | {shape} | {mode[batched]} | {median:.2f} | {len(times)} |")
+            print(f"| {name} | {shape} | {mode} | {median:.2f} | {len(ts)} |")
             record = {**env, "subject": name, "site": site, "shape": list(seqs.shape),
-                      "batch_size": args.batch_size, "mode": mode[batched], "label": args.label,
-                      "median_s": median, "times_s": times}  # fmt: skip
+                      "batch_size": args.batch_size, "mode": mode, "median_s": median,
+                      "times_s": ts, "threads": torch.get_num_threads()}  # fmt: skip
             RESULTS.parent.mkdir(exist_ok=True)
             with RESULTS.open("a") as f:
                 f.write(json.dumps(record) + "\n")

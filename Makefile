@@ -8,7 +8,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 
 # Make variables in capitals pass through to `python -m flashsae.train` (NPROC: see train).
-FLAGS := MODEL SITE ARCH N_LATENTS K TOKENS BATCH_SIZE LR SPARSITY_COEFF CACHE OUT DEVICE SEED TEXT TEXT_FIELD SWEEP
+FLAGS := MODEL SITE ARCH N_LATENTS K TOKENS BATCH_SIZE LR SPARSITY_COEFF TARGET_L0 EVAL_BATCH_SIZE CACHE OUT DEVICE SEED TEXT TEXT_FIELD SWEEP
 TRAIN_ARGS := $(foreach v,$(FLAGS),$(if $($(v)),--$(subst _,-,$(shell echo $(v) | tr A-Z a-z)) $($(v))))
 
 .PHONY: setup train test lint bench gpu-check clean

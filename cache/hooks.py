@@ -97,6 +97,17 @@ def block_lists(model: nn.Module) -> list[tuple[str, int]]:
     return found
 
 
+def enclosing_block(model: nn.Module, module: nn.Module) -> tuple[nn.ModuleList, int] | None:
+    """``(blocks, i)``: the outermost ModuleList of ``block_lists`` whose block ``i`` is
+    ``module`` or holds it; None when no block does (an embedding, the final norm)."""
+    lists = {name: m for name, m in model.named_modules() if isinstance(m, nn.ModuleList)}
+    for path, _n in block_lists(model):
+        for i, block in enumerate(lists[path]):
+            if any(m is module for m in block.modules()):
+                return lists[path], i
+    return None
+
+
 def _module_candidates(model: nn.Module, site: str) -> list[str]:
     """``site`` as a module path, with or without the base model's prefix (``bert.``), so a
     path works whether the checkpoint was loaded with its head or as the bare base model."""

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from flashsae.train import RunConfig, run
+from flashsae.train.config import lambda_archs
 from flashsae.train.sae import SAE_CLASSES, make_sae
 from flashsae.train.trainer import TrainConfig, train_sae
 from flashsae.train.wandb_log import NullLogger
@@ -46,7 +47,7 @@ class _Stream:
             yield torch.randn(64, self.d, generator=gen) + 0.5
 
 
-def _count_syncs(monkeypatch, arch, steps):
+def _count_syncs(monkeypatch, arch, steps, target_l0=None):
     torch.manual_seed(0)
     d = 16
     sae = make_sae(arch, 64, torch.full((d,), 0.5), float(d) * 1.25, k=4, sparsity_coeff=0.1)
@@ -60,7 +61,9 @@ def _count_syncs(monkeypatch, arch, steps):
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    cfg = TrainConfig(tokens=64 * steps, batch_size=64, dead_window=128, log_every=10**6)
+    cfg = TrainConfig(
+        tokens=64 * steps, batch_size=64, dead_window=128, log_every=10**6, target_l0=target_l0
+    )
     train_sae(sae, _Stream(d), cfg, NullLogger())
     monkeypatch.undo()
     return counts["n"]
@@ -71,6 +74,14 @@ def test_a_training_step_has_no_host_sync_outside_logging(torch_path, monkeypatc
     """Only the logging steps (here the first and the last) sync: more steps, no more syncs.
     The dead window is short, so dead latents (AuxK) appear during the run."""
     few, many = _count_syncs(monkeypatch, arch, 4), _count_syncs(monkeypatch, arch, 12)
+    assert few > 0 and many == few, (few, many)
+
+
+@pytest.mark.parametrize("arch", lambda_archs())
+def test_the_l0_controller_adds_no_host_sync_outside_logging(torch_path, monkeypatch, arch):
+    """--target-l0: the running L0 and λ stay on the device; only logging steps read them."""
+    few = _count_syncs(monkeypatch, arch, 4, target_l0=8.0)
+    many = _count_syncs(monkeypatch, arch, 12, target_l0=8.0)
     assert few > 0 and many == few, (few, many)
 
 

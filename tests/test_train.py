@@ -12,6 +12,7 @@ from flashsae.cache.shards import ShardWriter
 from flashsae.train import wandb_log
 from flashsae.train.checkpoint import load_sae, save_sae
 from flashsae.train.eval import evaluate
+from flashsae.train.gated import GatedSAE
 from flashsae.train.sae import SAE, SAEConfig
 from flashsae.train.topk import TopKSAE
 from flashsae.train.trainer import TrainConfig, train_sae
@@ -45,11 +46,19 @@ class Interrupt:
             raise KeyboardInterrupt
 
 
-def train(folder, state, logger, tokens=64 * 20):
+def train(folder, state, logger, tokens=64 * 20, target_l0=None):
+    """A TopK SAE trained on the cache in ``folder``; with ``target_l0``, a Gated SAE whose λ
+    the L0 controller steers."""
     torch.manual_seed(0)
-    sae = TopKSAE(SAEConfig("topk", 16, 64, k=4, k_aux=8))
+    if target_l0 is None:
+        sae = TopKSAE(SAEConfig("topk", 16, 64, k=4, k_aux=8))
+    else:
+        sae = GatedSAE(SAEConfig("gated", 16, 64, sparsity_coeff=1.0))
     loader = ActivationLoader(folder, "s", 64, seed=1, buffer_shards=2)
-    cfg = TrainConfig(tokens=tokens, batch_size=64, lr=3e-3, log_every=1, checkpoint_every=3)
+    cfg = TrainConfig(
+        tokens=tokens, batch_size=64, lr=3e-3, log_every=1, checkpoint_every=3,
+        target_l0=target_l0,
+    )  # fmt: skip
     train_sae(sae, loader, cfg, logger, state)
     return sae
 
@@ -64,6 +73,18 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path):
     resumed_log = Interrupt()
     resumed = train(cache, tmp_path / "b.pt", resumed_log, tokens=64 * 40)
     assert resumed_log.records[0][0] == 64 * 34  # continued at step 33
+    for name, p in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], p, rtol=0, atol=0, msg=name)
+
+
+def test_a_resumed_run_with_a_target_l0_ends_with_the_same_weights_and_lambda(tmp_path):
+    """The L0 controller's state (running L0, integral) is part of the training state."""
+    cache = tiny_cache(tmp_path / "cache")
+    whole = train(cache, tmp_path / "a.pt", Interrupt(), tokens=64 * 40, target_l0=8.0)
+    with pytest.raises(KeyboardInterrupt):
+        train(cache, tmp_path / "b.pt", Interrupt(at=64 * 35), tokens=64 * 40, target_l0=8.0)
+    resumed = train(cache, tmp_path / "b.pt", Interrupt(), tokens=64 * 40, target_l0=8.0)
+    assert resumed.cfg.sparsity_coeff == whole.cfg.sparsity_coeff != 1.0
     for name, p in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], p, rtol=0, atol=0, msg=name)
 

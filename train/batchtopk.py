@@ -79,7 +79,8 @@ class BatchTopKSAE(SAE):
             dead_mask, self.cfg.k_aux, self.dead_budget, preacts=z,
         )  # fmt: skip
         loss = rec + self.cfg.aux_alpha * aux
-        parts = {"mse": normalized_mse(x, x_hat).detach(), "aux": aux.detach(), **extra}
+        fvu = normalized_mse(x, x_hat).detach()
+        parts = {"mse": fvu, "aux": aux.detach(), "fvu": fvu, **extra}
         return loss, parts, (f > 0).any(0)
 
 

@@ -19,6 +19,11 @@ from .sae import SAE_CLASSES
 DTYPES = ("auto", "bf16", "fp32")
 
 
+def lambda_archs() -> list[str]:
+    """The architectures with a λ (a sparsity penalty), which ``--target-l0`` can steer."""
+    return [name for name, cls in SAE_CLASSES.items() if cls.default_sparsity_coeff is not None]
+
+
 def _help(text: str) -> dict:
     return {"help": text}
 
@@ -45,6 +50,13 @@ class RunConfig:
     sparsity_coeff: float = field(
         default=0.0, metadata=_help("λ of the L1/L0 penalty; 0: the arch's default")
     )
+    target_l0: float | None = field(
+        default=None,
+        metadata=_help(
+            "L0 to end the run at: λ is adjusted during training (λ architectures; starts from "
+            "--sparsity-coeff), the final λ recorded in cfg.json"
+        ),
+    )
     dtype: str = field(
         default="auto",
         metadata=_help(
@@ -66,6 +78,13 @@ class RunConfig:
         default=None,
         metadata=_help("evaluation text, all of it (default: the held-out split of --text)"),
     )
+    eval_batch_size: int = field(
+        default=32,
+        metadata=_help(
+            "sequences per evaluation batch (after the site the model runs on 3x as many rows: "
+            "clean, SAE and zero-ablated)"
+        ),
+    )
     dead_window: int = field(
         default=10_000_000, metadata=_help("tokens without firing after which a latent is dead")
     )
@@ -86,7 +105,10 @@ class RunConfig:
 
     def check(self) -> None:
         """Raise UserError on settings that cannot run."""
-        for name in ("tokens", "batch_size", "k", "eval_tokens", "seq_len", "dead_window"):
+        for name in (
+            "tokens", "batch_size", "k", "eval_tokens", "eval_batch_size", "seq_len",
+            "dead_window",
+        ):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise UserError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
@@ -95,6 +117,19 @@ class RunConfig:
             raise UserError(f"--lr must be a positive number, got {self.lr}")
         if self.arch not in SAE_CLASSES:
             raise UserError(f"unknown --arch {self.arch!r}; known: {', '.join(SAE_CLASSES)}")
+        if self.target_l0 is not None:
+            if SAE_CLASSES[self.arch].default_sparsity_coeff is None:
+                raise UserError(
+                    f"--target-l0 steers λ, and --arch {self.arch} has none: its L0 is set by "
+                    "--k; use --target-l0 with a λ architecture "
+                    f"({', '.join(lambda_archs())})"
+                )
+            if not (math.isfinite(self.target_l0) and self.target_l0 > 0):
+                raise UserError(f"--target-l0 must be a positive number, got {self.target_l0}")
+            if self.n_latents is not None and self.target_l0 >= self.n_latents:
+                raise UserError(
+                    f"--target-l0 {self.target_l0:g} is not below --n-latents {self.n_latents}"
+                )
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.n_latents is not None and self.k > self.n_latents:

@@ -1,18 +1,19 @@
 """Evaluate an SAE on held-out activations and spliced back into its model at its site.
 
-``python -m flashsae.train.eval RUN_DIR [--text PATH] [--cache DIR] [--model M] [--tokens N]``
-evaluates on the run's evaluation data (``metrics.json``'s ``eval_data``: the held-out split
-of the text it was trained on), or on all of ``--text``, or on the rows of ``--cache``. It
-writes ``eval.json`` (the keys of ``metrics.json`` and ``eval_data``, naming the data),
-``eval.md`` and ``density.png``, or ``eval-<data>.json`` ... for other data than the run's, and,
-for all runs beside RUN_DIR, ``frontier_fvu.png`` and ``frontier_ce.png`` in the parent folder;
-it logs them to the run's W&B entry when there is one.
+``python -m flashsae.train.eval RUN_DIR [--text PATH] [--cache DIR] [--model M] [--tokens N]
+[--eval-batch-size B]`` evaluates on the run's evaluation data (``metrics.json``'s
+``eval_data``: the held-out split of the text it was trained on), or on all of ``--text``, or on
+the rows of ``--cache``. It writes ``eval.json`` (the keys of ``metrics.json`` and
+``eval_data``, naming the data), ``eval.md`` and ``density.png``, or ``eval-<data>.json`` ...
+for other data than the run's, and, for all runs beside RUN_DIR, ``frontier_fvu.png`` and
+``frontier_ce.png`` in the parent folder; it logs them to the run's W&B entry when there is one.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import itertools
 import json
 import re
@@ -27,9 +28,11 @@ from tqdm.auto import tqdm
 
 from flashsae.cache.build import keep_mask
 from flashsae.cache.errors import UserError, report_errors
-from flashsae.cache.hooks import capture, splice
+from flashsae.cache.hooks import SitePoint, capture, enclosing_block, resolve_site, splice
 from flashsae.cache.loader import ActivationLoader
 from flashsae.cache.locks import exclusive_lock
+from flashsae.cache.models.bytelm import ByteLM
+from flashsae.cache.models.hf_layouts import hf_layout
 from flashsae.cache.models.subjects import Subject, get_subject, no_lm_reason, pick_device
 from flashsae.cache.text import split_digest
 
@@ -48,7 +51,10 @@ def _replace_at(keep: torch.Tensor, new: torch.Tensor, h: torch.Tensor) -> torch
 
 
 def logits_of(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Next-token logits ``[B, T, V]`` from a bundled model or a Hugging Face model."""
+    """Next-token logits ``[B, T, V]`` from a bundled model or a Hugging Face model (without
+    its KV cache)."""
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        return model(tokens, use_cache=False).logits
     out = model(tokens)
     return out.logits if hasattr(out, "logits") else out
 
@@ -58,6 +64,106 @@ def reconstruct(sae: SAE, x_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     s = sae.cfg.input_scale
     f = sae.encode(x_raw.float() * s)
     return f, sae.decode(f) / s
+
+
+BRANCHES = ("clean", "sae", "zero")  # the rows of a branched batch, in order
+# the residual-stream sites of the bundled model: the whole stream passes through them
+_BYTELM_STREAM = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+
+
+@dataclass
+class BranchPlan:
+    """How one forward evaluates the three branches of a batch of B sequences: the layers
+    before the site run once on B rows; at the site (``point``), the batch becomes 3B rows
+    [h; h with x̂ spliced in; h with zeros spliced in], and the model runs on from there. The
+    blocks of ``tiled`` get their other batch-sized arguments (attention masks, position ids:
+    tensors of two or more dims whose leading size is B) tiled to 3B; so does the hidden state
+    of the first of them, when the site lies inside it (attn_out, mlp_out, resid_mid of a Hugging
+    Face block): that block then runs whole on 3B rows, and the site sees the three copies."""
+
+    point: SitePoint
+    tiled: list[torch.nn.Module]
+
+
+def branch_plan(model: torch.nn.Module, site: str) -> BranchPlan | None:
+    """The ``BranchPlan`` of ``site``, or None when its branches need separate forwards: the
+    model is neither the bundled one nor of a family of ``hf_layouts.LAYOUTS`` (whose blocks'
+    arguments the tests check), or the site is outside every block."""
+    if not (isinstance(model, ByteLM) or hf_layout(model) is not None):
+        return None
+    point = resolve_site(model, site)
+    found = enclosing_block(model, point.rows_of or point.module)
+    if found is None:
+        return None
+    blocks, i = found
+    on_stream = (point.module is blocks[i] and point.kind == "output") or (
+        isinstance(model, ByteLM) and site.rsplit(".", 1)[-1] in _BYTELM_STREAM
+    )
+    return BranchPlan(point, list(blocks)[i + 1 if on_stream else i :])
+
+
+def _tile(b: int, value: object) -> object:
+    """``value`` with each tensor of two or more dims and leading size ``b`` repeated three
+    times along dim 0 (inside plain tuples and lists too)."""
+    if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == b:
+        return value.repeat(len(BRANCHES), *[1] * (value.ndim - 1))
+    if type(value) in (tuple, list):
+        return type(value)(_tile(b, v) for v in value)
+    return value
+
+
+def _branched(
+    model: torch.nn.Module, plan: BranchPlan, sae: SAE, batch: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(x_raw, f, x̂, {branch: logits [B, T, V]}) of ``batch`` from one ``plan`` forward; the
+    positions where ``keep`` [B, T] holds are reconstructed and spliced."""
+    b = batch.shape[0]
+    seen: dict[str, torch.Tensor] = {}
+
+    def at_site(h: torch.Tensor) -> torch.Tensor:
+        h = h.repeat(len(BRANCHES), *[1] * (h.ndim - 1)) if h.shape[0] == b else h.clone()
+        x_raw = h[:b][keep].float()
+        seen["f"], seen["x_hat"] = reconstruct(sae, x_raw)
+        seen["x_raw"] = x_raw
+        h[b : 2 * b][keep] = seen["x_hat"].to(h.dtype)
+        h[2 * b :][keep] = 0
+        return h
+
+    def tile_args(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return _tile(b, args), {k: _tile(b, v) for k, v in kwargs.items()}
+
+    # the tiling hooks first: a site at a block's input, or with the block's rows (OPT's MLP),
+    # must see the tiled batch
+    handles = [m.register_forward_pre_hook(tile_args, with_kwargs=True) for m in plan.tiled]
+    handles.append(plan.point.hook(at_site))
+    try:
+        logits = logits_of(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if logits.shape[0] != len(BRANCHES) * b:
+        raise RuntimeError(f"the branched forward gave {logits.shape[0]} rows, not {3 * b}")
+    return (
+        seen["x_raw"],
+        seen["f"],
+        seen["x_hat"],
+        dict(zip(BRANCHES, logits.split(b), strict=True)),
+    )
+
+
+def _separate(
+    model: torch.nn.Module, site: str, sae: SAE, batch: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """As ``_branched``, from three forwards: the clean one captures the site's activations."""
+    seen: list[torch.Tensor] = []
+    with splice(model, site, seen.append):
+        logits = {"clean": logits_of(model, batch)}
+    x_raw = seen[0][keep].float()
+    f, x_hat = reconstruct(sae, x_raw)
+    for name, new in (("sae", x_hat), ("zero", torch.zeros_like(x_hat))):
+        with splice(model, site, partial(_replace_at, keep, new)):
+            logits[name] = logits_of(model, batch)
+    return x_raw, f, x_hat, logits
 
 
 @torch.no_grad()
@@ -70,6 +176,7 @@ def evaluate(
     metric_scale: float | None = None,
     cache_batches: Iterable[torch.Tensor] | None = None,
     drop_tokens: tuple[int, ...] = (),
+    batched: bool | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Every metric of ``metrics.py``, and the latents' firing frequencies.
 
@@ -81,7 +188,12 @@ def evaluate(
     excluded everywhere: not reconstructed, never spliced, their next-token predictions not
     counted (a prediction *of* a separator, the end of a document, counts). A model without a
     causal-LM head (``no_lm_reason``) gets CE, KL and Δ-LM of None, and the reason under
-    ``lm_metrics_skipped``.
+    ``lm_metrics_skipped``; its forwards stop at the site.
+
+    Each batch of ``batch_size`` sequences costs one forward up to the site and, after it, one
+    on 3 x ``batch_size`` rows (``branch_plan``); where the model has no plan, or with
+    ``batched`` False, three forwards (clean, which captures the site; SAE; zero). ``batched``
+    True demands the single forward.
     """
     site = sae.cfg.site
     m = sae.cfg.input_scale if metric_scale is None else metric_scale
@@ -89,23 +201,29 @@ def evaluate(
     rec = ReconstructionStats(sae.cfg.d, sae.cfg.n_latents)
     lm = SpliceStats()
     no_lm = no_lm_reason(model)
+    plan = None if no_lm or batched is False else branch_plan(model, site)
+    if batched and plan is None and not no_lm:
+        raise ValueError(f"{type(model).__name__} at {site} cannot run the branches as one batch")
     for x_raw in cache_batches or ():
         f, x_hat = reconstruct(sae, x_raw.to(device))
         rec.update(x_raw.float() * m, x_hat * m, f)
+    if no_lm and cache_batches is not None:
+        sequences = sequences[:0]  # nothing left to compute from the model
     for batch in tqdm(sequences.split(batch_size), desc="evaluating", unit="batch"):
         batch = batch.to(device)
         keep = keep_mask(batch, drop_tokens, skip_first)
-        h = capture(model, batch, [site])[site]
-        x_raw = h[keep].float()
-        f, x_hat = reconstruct(sae, x_raw)
+        if no_lm:
+            h = capture(model, batch, [site])[site]
+            x_raw = h[keep].float()
+            f, x_hat = reconstruct(sae, x_raw)
+        elif plan is not None:
+            x_raw, f, x_hat, logits = _branched(model, plan, sae, batch, keep)
+        else:
+            x_raw, f, x_hat, logits = _separate(model, site, sae, batch, keep)
         if cache_batches is None:
             rec.update(x_raw * m, x_hat * m, f)
         if no_lm:
             continue
-        logits = {"clean": logits_of(model, batch)}
-        for name, new in (("sae", x_hat), ("zero", torch.zeros_like(x_hat))):
-            with splice(model, site, partial(_replace_at, keep, new)):
-                logits[name] = logits_of(model, batch)
         # logits at position t predict token t + 1; they count where position t is kept
         lm.update(batch[:, 1:], {k: v[:, :-1] for k, v in logits.items()}, keep[:, :-1])
     if no_lm:
@@ -260,6 +378,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="subject model (default: the run's)")
     p.add_argument("--tokens", type=int, default=65536, help="held-out tokens")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=32,
+        help="sequences per batch (after the site the model runs on 3x as many rows)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--allow-other-model",
@@ -274,6 +398,8 @@ def run_eval(args: argparse.Namespace) -> dict:
         raise UserError("--tokens must be positive")
     if args.seq_len < 2:
         raise UserError("--seq-len must be at least 2 (BOS plus one token)")
+    if args.eval_batch_size <= 0:
+        raise UserError("--eval-batch-size must be positive")
     args.device = pick_device(args.device)
     sae = load_sae(args.run, args.device)
     with exclusive_lock(args.run, "an evaluation"):
@@ -311,7 +437,7 @@ def _evaluate_run(args: argparse.Namespace, sae: SAE) -> dict:
     scale = cfg.get("normalization", {}).get("scale", 1.0)
     skip_first, special = int(subject.bos is not None), subject.special_tokens
     results, freqs = evaluate(
-        sae, model, seqs, skip_first=skip_first, metric_scale=scale,
+        sae, model, seqs, args.eval_batch_size, skip_first=skip_first, metric_scale=scale,
         cache_batches=cache_batches, drop_tokens=special,
     )  # fmt: skip
     n_tokens = (

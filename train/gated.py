@@ -38,7 +38,7 @@ from torch import nn
 from flashsae.kernels import gated
 
 from .relu import ReLUSAE
-from .sae import SAE, SAEConfig, SAELensLayout, register, warmed_up
+from .sae import SAE, SAEConfig, SAELensLayout, l0_of, normalized_mse, register
 
 
 def encoder_init_scale(d: int, n: int) -> float:
@@ -72,22 +72,23 @@ class GatedSAE(SAE):
     use_aux: bool = True  # the frozen-decoder auxiliary term (``gated_noaux``: False)
 
     def loss_terms(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """({mse, l1, aux}, each a differentiable batch mean; f)."""
+        """({mse, l1, aux, fvu}, each a differentiable batch mean but the batch's FVU; f)."""
         f, gate = self.encode_paths(x)
-        mse = (x - self.decode(f)).square().sum(1).mean()
+        x_hat = self.decode(f)
+        mse = (x - x_hat).square().sum(1).mean()
         l1 = gate.sum(1).mean()
         via_gate = gate @ self.W_dec.detach() + self.b_dec.detach()
         aux = (x - via_gate).square().sum(1).mean()
-        return {"mse": mse, "l1": l1, "aux": aux}, f
+        return {"mse": mse, "l1": l1, "aux": aux, "fvu": normalized_mse(x, x_hat)}, f
 
     def training_loss(
         self, x: torch.Tensor, dead_mask: torch.Tensor, progress: float
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         terms, f = self.loss_terms(x)
-        lam = warmed_up(self.cfg.sparsity_coeff, progress)
+        lam = self.sparsity_coeff_at(progress)
         loss = terms["mse"] + lam * terms["l1"] + (terms["aux"] if self.use_aux else 0)
         parts = {k: v.detach() for k, v in terms.items()}
-        parts["l0"] = (f > 0).sum(1).float().mean().detach()
+        parts["l0"] = l0_of(f).detach()
         return loss, parts, (f > 0).any(0)
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from flashsae.kernels import BANDWIDTH, jumprelu
 
 from .gated import encoder_init_scale
-from .sae import SAE, SAEConfig, SAELensLayout, register, warmed_up
+from .sae import SAE, SAEConfig, SAELensLayout, normalized_mse, register
 
 THRESHOLD_INIT = 1e-3
 THRESHOLD_LR_SCALE = 16.0  # c in θ = exp(c · theta_param)
@@ -89,7 +89,9 @@ class JumpReLUSAE(SAE):
         self, x: torch.Tensor, dead_mask: torch.Tensor, progress: float
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         f, l0 = self.encode_l0(x)
-        mse = (x - self.decode(f)).square().sum(1).mean()
+        x_hat = self.decode(f)
+        mse = (x - x_hat).square().sum(1).mean()
         l0 = l0.mean()
-        loss = mse + warmed_up(self.cfg.sparsity_coeff, progress) * l0
-        return loss, {"mse": mse.detach(), "l0": l0.detach()}, (f > 0).any(0)
+        loss = mse + self.sparsity_coeff_at(progress) * l0
+        parts = {"mse": mse, "l0": l0, "fvu": normalized_mse(x, x_hat)}
+        return loss, {k: v.detach() for k, v in parts.items()}, (f > 0).any(0)

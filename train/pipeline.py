@@ -91,7 +91,10 @@ class RunData:
         counted), with ``eval_data`` described under ``"eval_data"``."""
         seqs, subject = self.eval_sequences(), self.subject
         skip_first, special = int(subject.bos is not None), subject.special_tokens
-        results, freqs = evaluate(sae, self.model, seqs, skip_first=skip_first, drop_tokens=special)
+        results, freqs = evaluate(
+            sae, self.model, seqs, batch_size=self.cfg.eval_batch_size, skip_first=skip_first,
+            drop_tokens=special,
+        )  # fmt: skip
         n_tokens = int(keep_mask(seqs, special, skip_first).sum())
         return results | {"eval_data": self.eval_data.describe(n_tokens)}, freqs
 
@@ -195,6 +198,8 @@ def _open_data(
         cache = cfg.cache
     return model, cache, manifest, eval_data, eval_seqs
 
+
+TARGET_L0_TOLERANCE = 0.1  # relative miss of --target-l0 beyond which the run warns
 
 # the settings --resume may change (their flags): neither changes what is computed; --resume
 # refuses to change any other
@@ -376,7 +381,7 @@ def finish_member(data: RunData, member: SAETraining, summary: dict) -> dict:
     try:
         sae.eval()
         results, freqs = data.evaluate(sae)
-        warnings = metric_warnings(results)
+        warnings = metric_warnings(results) + target_l0_warnings(results, summary)
         for line in warnings:
             print(f"warning: {line}", file=sys.stderr)
         metrics = {k: results[k] for k in METRIC_KEYS} | summary | {"warnings": warnings}
@@ -399,6 +404,20 @@ def finish_member(data: RunData, member: SAETraining, summary: dict) -> dict:
     return metrics
 
 
+def target_l0_warnings(results: dict, summary: dict) -> list[str]:
+    """A warning when a run with ``--target-l0`` ends with a held-out L0 more than
+    ``TARGET_L0_TOLERANCE`` from its target."""
+    target = summary.get("target_l0")
+    if target is None or abs(results["l0"] / target - 1) <= TARGET_L0_TOLERANCE:
+        return []
+    return [
+        f"--target-l0 {target:g} missed: held-out L0 {results['l0']:.3g} with λ ending at "
+        f"{summary['sparsity_coeff']:.3g}; more steps (tokens / batch size) get closer, and "
+        "some targets are out of an architecture's reach (JumpReLU's L0 can stay below N "
+        "even at λ = 0)"
+    ]
+
+
 def train_config(cfg: RunConfig, device: str) -> TrainConfig:
     """The trainer's settings for ``cfg`` on ``device`` (``dtype`` auto resolved)."""
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
@@ -409,4 +428,5 @@ def train_config(cfg: RunConfig, device: str) -> TrainConfig:
         dead_window=cfg.dead_window,
         checkpoint_every=cfg.checkpoint_every,
         dtype=dtype,
+        target_l0=cfg.target_l0,
     )

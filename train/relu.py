@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .sae import SAE, SAEConfig, SAELensLayout, register, warmed_up
+from .sae import SAE, SAEConfig, SAELensLayout, l0_of, normalized_mse, register
 
 
 @register("relu")
@@ -39,7 +39,9 @@ class ReLUSAE(SAE):
         self, x: torch.Tensor, dead_mask: torch.Tensor, progress: float
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         f = self.encode(x)
-        mse = (x - self.decode(f)).square().sum(1).mean()
+        x_hat = self.decode(f)
+        mse = (x - x_hat).square().sum(1).mean()
         l1 = (f @ self.W_dec.norm(dim=1)).mean()
-        loss = mse + warmed_up(self.cfg.sparsity_coeff, progress) * l1
-        return loss, {"mse": mse.detach(), "l1": l1.detach()}, (f > 0).any(0)
+        loss = mse + self.sparsity_coeff_at(progress) * l1
+        parts = {"mse": mse, "l1": l1, "fvu": normalized_mse(x, x_hat), "l0": l0_of(f)}
+        return loss, {k: v.detach() for k, v in parts.items()}, (f > 0).any(0)

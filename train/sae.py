@@ -71,9 +71,14 @@ def fired_latents(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.
     return counts.index_add_(0, indices.reshape(-1).long(), (values > 0).reshape(-1).int()) > 0
 
 
-def warmed_up(coeff: float, progress: float) -> float:
+def warmed_up(coeff: float | torch.Tensor, progress: float) -> float | torch.Tensor:
     """λ at ``progress`` (fraction of training done): linear from 0 over ``SPARSITY_WARMUP``."""
     return coeff * min(1.0, progress / SPARSITY_WARMUP)
+
+
+def l0_of(f: torch.Tensor) -> torch.Tensor:
+    """L0 of dense latents ``f`` [B, n]: the mean over rows of #{i : f_i > 0}."""
+    return (f > 0).sum(1).float().mean()
 
 
 def dead_columns(dead_mask: torch.Tensor, budget: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +142,9 @@ class SAE(nn.Module):
     lr_decay_frac: float = 0.2  # the learning rate decays linearly to 0 over this last fraction
     unit_norm_decoder: bool = True
     dead_budget: int | None = None  # AuxK columns to gather (``dead_columns``); set by the trainer
+    # λ as a 0-dim device tensor, set by the trainer's L0 controller (``--target-l0``) in place
+    # of cfg.sparsity_coeff
+    controlled_coeff: torch.Tensor | None = None
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -161,8 +169,16 @@ class SAE(nn.Module):
         self, x: torch.Tensor, dead_mask: torch.Tensor, progress: float
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """(loss, its detached parts, [n] bool of latents that fired) for a batch; ``progress``
-        is the fraction of training done (for warm-ups)."""
+        is the fraction of training done (for warm-ups). The built-in architectures' parts
+        include ``fvu``, the batch's Σ||x - x̂||² / Σ||x - mean(x)||², and those with a λ
+        ``l0``, the batch's L0 (which ``--target-l0`` steers)."""
         raise NotImplementedError
+
+    def sparsity_coeff_at(self, progress: float) -> float | torch.Tensor:
+        """The λ of the loss at ``progress``: ``controlled_coeff`` when the trainer sets one,
+        else ``cfg.sparsity_coeff``, warmed up (``warmed_up``)."""
+        lam = self.cfg.sparsity_coeff if self.controlled_coeff is None else self.controlled_coeff
+        return warmed_up(lam, progress)
 
     @torch.no_grad()
     def before_step(self) -> None:

@@ -64,6 +64,7 @@ SWEEPABLE = {
     "k": "k",
     "lr": "lr",
     "sparsity_coeff": "lam",
+    "target_l0": "target",
     "dtype": "",
     "dead_window": "dw",
     "checkpoint_every": "ckpt",

@@ -51,5 +51,5 @@ class TopKSAE(SAE):
             dead_mask, self.cfg.k_aux, self.dead_budget,
         )  # fmt: skip
         loss = mse + self.cfg.aux_alpha * aux
-        parts = {"mse": mse.detach(), "aux": aux.detach()}
+        parts = {"mse": mse.detach(), "aux": aux.detach(), "fvu": mse.detach()}
         return loss, parts, fired_latents(idx, vals, self.cfg.n_latents)

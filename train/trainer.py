@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,7 +39,8 @@ from flashsae.cache.loader import ActivationLoader
 from . import distributed
 from .config import RunConfig
 from .files import write_output
-from .sae import SAE
+from .sae import SAE, SPARSITY_WARMUP
+from .target_l0 import L0Controller
 from .wandb_log import RunLogger
 
 
@@ -54,6 +55,7 @@ class TrainConfig:
     log_every: int = 25
     checkpoint_every: int = RunConfig.checkpoint_every  # steps between saves (0: only at the end)
     dtype: str = "fp32"  # "bf16" (autocast) or "fp32"
+    target_l0: float | None = None  # steer λ towards this L0 (``target_l0.L0Controller``)
 
 
 def lr_at(step: int, steps: int, lr: float, decay_frac: float) -> float:
@@ -90,10 +92,14 @@ class NonFiniteLoss(UserError):
 
 
 def training_state(
-    step: int, sae: SAE, opt: torch.optim.Optimizer, last_fired: torch.Tensor
+    step: int,
+    sae: SAE,
+    opt: torch.optim.Optimizer,
+    last_fired: torch.Tensor,
+    controller: L0Controller | None = None,
 ) -> dict:
     """The training state (tensors and plain containers only), with the world size that made
-    it (``distributed.world_size``)."""
+    it (``distributed.world_size``) and the L0 controller's state when there is one."""
     state = {
         "step": step,
         "sae": sae.state_dict(),
@@ -103,25 +109,37 @@ def training_state(
         "rng": torch.get_rng_state(),
         "world_size": distributed.world_size(),
     }
+    if controller is not None:
+        state["l0_controller"] = controller.state_dict()
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def save_state(
-    path: Path, step: int, sae: SAE, opt: torch.optim.Optimizer, last_fired: torch.Tensor
+    path: Path,
+    step: int,
+    sae: SAE,
+    opt: torch.optim.Optimizer,
+    last_fired: torch.Tensor,
+    controller: L0Controller | None = None,
 ) -> None:
     """Write the training state atomically."""
-    state = training_state(step, sae, opt, last_fired)
+    state = training_state(step, sae, opt, last_fired, controller)
     write_output(path, lambda f: torch.save(state, f))
 
 
 def load_state(
-    path: Path | str, sae: SAE, opt: torch.optim.Optimizer, state: dict | None = None
+    path: Path | str,
+    sae: SAE,
+    opt: torch.optim.Optimizer,
+    state: dict | None = None,
+    controller: L0Controller | None = None,
 ) -> tuple[int, torch.Tensor]:
     """Restore a ``save_state`` file (``weights_only``: no code runs), or the ``state`` dict
-    read already (``path`` then only names it); (step, last_fired). A UserError when the file
-    is truncated, garbage or of another SAE, or was saved by a run of another world size."""
+    read already (``path`` then only names it), the L0 controller's state too when given;
+    (step, last_fired). A UserError when the file is truncated, garbage or of another SAE or
+    controller, or was saved by a run of another world size."""
 
     def unreadable(e: Exception) -> UserError:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -148,6 +166,8 @@ def load_state(
         torch.set_rng_state(state["rng"].cpu())
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        if controller is not None:
+            controller.load_state_dict(state["l0_controller"])
         step, last_fired = state["step"], state["last_fired"]
         if not isinstance(step, int) or last_fired.shape != (sae.cfg.n_latents,):
             raise ValueError("unexpected step or dead-latent counters")
@@ -182,9 +202,14 @@ class SAETraining:
         self.first = 0
         self.last_fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=device)
         sae.dead_budget = 0  # no latent is dead before the first step
+        self.controller = None
+        if cfg.target_l0 is not None:
+            self.controller = L0Controller(cfg.target_l0, sae.cfg.sparsity_coeff, device)
         self.saved: int | None = None  # the step of the state in state_path
         if state_path is not None and state_path.exists():
-            self.first, self.last_fired = load_state(state_path, sae, self.opt)
+            self.first, self.last_fired = load_state(
+                state_path, sae, self.opt, controller=self.controller
+            )
             if not 0 <= self.first <= steps:
                 raise UserError(
                     f"{state_path} is at step {self.first}, outside this run's {steps} steps"
@@ -192,10 +217,12 @@ class SAETraining:
             self.saved = self.first
             print(f"resuming from {state_path} at step {self.first} of {steps}")
         start = distributed.share_state(
-            lambda: training_state(self.first, sae, self.opt, self.last_fired)
+            lambda: training_state(self.first, sae, self.opt, self.last_fired, self.controller)
         )
         if start is not None:  # another rank than 0: start where rank 0 starts
-            self.first, self.last_fired = load_state("rank 0's state", sae, self.opt, start)
+            self.first, self.last_fired = load_state(
+                "rank 0's state", sae, self.opt, start, controller=self.controller
+            )
         self.first_bad = torch.full((), steps, dtype=torch.long, device=device)  # none yet
         self.start = self.t_log = time.time()
         self.step_log = self.first
@@ -217,7 +244,7 @@ class SAETraining:
 
     def save(self, step: int) -> None:
         self.check_finite()
-        save_state(self.state_path, step, self.sae, self.opt, self.last_fired)
+        save_state(self.state_path, step, self.sae, self.opt, self.last_fired, self.controller)
         self.saved = step
 
     def step(self, batch: torch.Tensor, step: int) -> dict | None:
@@ -231,8 +258,18 @@ class SAETraining:
         lr = lr_at(step, self.steps, cfg.lr, sae.lr_decay_frac)
         for group in opt.param_groups:
             group["lr"] = lr
+        progress = step / self.steps
+        if self.controller is not None:
+            sae.controlled_coeff = self.controller.coeff()
         with autocast(self.device, cfg.dtype):
-            loss, parts, fired = sae.training_loss(x, dead, step / self.steps)
+            loss, parts, fired = sae.training_loss(x, dead, progress)
+        if self.controller is not None and progress >= SPARSITY_WARMUP:
+            if "l0" not in parts:
+                raise UserError(
+                    f"--target-l0: the {sae.arch} loss does not report its batch L0 (an l0 part)"
+                )
+            # the L0 of the whole batch: every rank's controller then sets the same λ
+            self.controller.update(distributed.mean_over_ranks([parts["l0"]])[0])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         fired = distributed.reduce_step(sae, fired)  # mean gradients, OR of fired, over ranks
@@ -264,12 +301,14 @@ class SAETraining:
                 **{f"losses/{k}": v.item() for k, v in parts.items()},
                 "sparsity/dead_frac": dead.float().mean().item(),
                 "details/lr": lr,
-                "details/sparsity_coeff": sae.cfg.sparsity_coeff,
+                "details/sparsity_coeff": self.sparsity_coeff(),
                 "details/grad_norm": grad_norm.item(),
                 "details/tokens": done * cfg.batch_size,
                 "perf/tokens_per_s": tokens / max(now - self.t_log, 1e-9),
                 "perf/step_ms": 1000 * (now - self.t_log) / max(done - self.step_log, 1),
             }
+            if self.controller is not None:
+                record["sparsity/running_l0"] = self.controller.running_l0.item()
             if self.device.type == "cuda":
                 record["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             self.t_log, self.step_log = now, done
@@ -277,15 +316,41 @@ class SAETraining:
             return record
         return None
 
+    def sparsity_coeff(self) -> float:
+        """λ now: the L0 controller's (a host sync) or the config's."""
+        if self.controller is None:
+            return self.sae.cfg.sparsity_coeff
+        return self.controller.coeff().item()
+
     def finish(self) -> dict[str, float]:
-        """After the last step: the final check and save; the summary."""
+        """After the last step: the final check and save; the summary. With an L0 target, the
+        final λ becomes the SAE's ``sparsity_coeff`` (so ``cfg.json`` records it) and goes into
+        the summary with the target."""
         self.check_finite()
         if self.state_path is not None:
             self.save(self.steps)
-        return {
+        summary = {
             "tokens": self.steps * self.cfg.batch_size,
             "train_seconds": time.time() - self.start,
         }
+        if self.controller is not None:
+            lam = self.sparsity_coeff()
+            self.sae.cfg = replace(self.sae.cfg, sparsity_coeff=lam)
+            self.sae.controlled_coeff = None
+            summary |= {"sparsity_coeff": lam, "target_l0": self.cfg.target_l0}
+        return summary
+
+
+def progress_fields(record: dict) -> dict[str, str]:
+    """The progress bar's fields for a logged ``record``: the batch's FVU (the same
+    normalised reconstruction error for every architecture, when its loss reports one), the
+    total loss in the architecture's own units, the dead fraction."""
+    fvu = record.get("losses/fvu")
+    return {
+        **({"fvu": f"{fvu:.4f}"} if fvu is not None else {}),
+        "loss": f"{record['losses/loss']:.4f}",
+        "dead": f"{record['sparsity/dead_frac']:.3f}",
+    }
 
 
 def train_many(members: list[SAETraining], loader: ActivationLoader) -> list[dict[str, float]]:
@@ -311,8 +376,7 @@ def train_many(members: list[SAETraining], loader: ActivationLoader) -> list[dic
                 if m.first <= step < m.steps:
                     record = m.step(batch, step)
                     if record and len(members) == 1:
-                        loss, dead = record["losses/loss"], record["sparsity/dead_frac"]
-                        bar.set_postfix(loss=f"{loss:.4f}", dead=f"{dead:.3f}")
+                        bar.set_postfix(progress_fields(record))
             bar.update(size)
     finally:
         bar.close()

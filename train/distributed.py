@@ -145,10 +145,14 @@ def started(device: str) -> Iterator[Ranks | None]:
         raise DistributedError(f"could not join the torchrun job: {_first_line(e)}") from e
     _RANKS = Ranks(dist.get_rank(), dist.get_world_size(), local, dist.group.WORLD, control)
     restore = _answer_sigterm(_RANKS.name)
+    failed = True
     try:
         yield _RANKS
+        failed = False
     finally:
         restore()
+        if failed:  # torchrun SIGTERMs the other ranks when one fails: print the error line first
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _RANKS = None
         with contextlib.suppress(Exception):
             dist.destroy_process_group()

@@ -15,6 +15,7 @@ from pathlib import Path
 from flashsae.cache.errors import UserError
 
 from .sae import SAE_CLASSES
+from .sharded import SHARDED_CLASSES
 
 DTYPES = ("auto", "bf16", "fp32")
 
@@ -98,6 +99,13 @@ class RunConfig:
             "(--no-verify: skip the check)"
         ),
     )
+    shard_latents: bool = field(
+        default=False,
+        metadata=_help(
+            "under torchrun, split the dictionary's latents over the ranks (each rank reads "
+            f"every batch; {', '.join(SHARDED_CLASSES)}; not with a sweep)"
+        ),
+    )
     allow_other_model: bool = field(
         default=False,
         metadata=_help("accept a --cache whose manifest names another model than --model"),
@@ -130,6 +138,10 @@ class RunConfig:
                 raise UserError(
                     f"--target-l0 {self.target_l0:g} is not below --n-latents {self.n_latents}"
                 )
+        if self.shard_latents and self.arch not in SHARDED_CLASSES:
+            raise UserError(
+                f"--shard-latents supports --arch {', '.join(SHARDED_CLASSES)}, not {self.arch!r}"
+            )
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.n_latents is not None and self.k > self.n_latents:

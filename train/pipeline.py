@@ -12,6 +12,11 @@ training -> held-out evaluation with the SAE spliced in -> ``sae.safetensors`` +
 Under ``torchrun`` (data parallel, ``distributed``) every rank calls ``run`` with the same
 settings: rank 0 does all of the above, the others train beside it on their share of each
 batch (``follow``) and write nothing.
+
+With ``--shard-latents`` the ranks instead form one shard group (``sharded``; not combined with
+data parallel): each holds n/N latents and reads every batch whole; each writes its own training
+state (rank 0 ``train_state.pt``, rank r ``train_state.rank{r}.pt``), and at the end the shards
+are gathered on rank 0, which evaluates and saves the SAE as an unsharded run does.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from .files import write_output
 from .metrics import METRIC_KEYS, metric_warnings
 from .plots import density_histogram
 from .sae import SAE, input_scale, make_sae
+from .sharded import ShardedSAE, gather_sae
 from .trainer import SAETraining, TrainConfig, train_many
 from .wandb_log import NullLogger, RunLogger
 
@@ -259,6 +265,12 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     """
     cfg.check()
     with distributed.started(pick_device(cfg.device)):
+        if cfg.shard_latents and distributed.world_size() < 2:
+            raise UserError(
+                "--shard-latents splits the latents over the ranks of a torchrun job: run it "
+                "under torchrun with more than one process (torchrun --nproc-per-node N -m "
+                "flashsae.train ...)"
+            )
         check_ranks([cfg])
         if not distributed.is_main():
             return follow([cfg])
@@ -292,7 +304,7 @@ def check_ranks(cfgs: list[RunConfig]) -> None:
         items["the settings" if len(cfgs) == 1 else f"the settings of sweep member {i}"] = flags
     distributed.check_agree(items)
     world = distributed.world_size()
-    if cfgs[0].batch_size % world:
+    if cfgs[0].batch_size % world and not cfgs[0].shard_latents:
         raise UserError(
             f"--batch-size {cfgs[0].batch_size} (the global batch) does not divide among "
             f"{world} ranks; choose a multiple of {world}"
@@ -306,14 +318,43 @@ def follow(cfgs: list[RunConfig]) -> dict | list[dict]:
     evaluated and saved."""
     data = prepare(cfgs[0])
     members = []
-    for i in distributed.share(None):  # the members rank 0 trains
+    todo = distributed.share(None)  # the members rank 0 trains
+    out = Path(distributed.share(None)) if data.cfg.shard_latents else None  # the run directory
+    for i in todo:
         cfg = resolved(cfgs[i], data.subject)
-        torch.manual_seed(cfg.seed)
-        sae = data.new_sae(cfg)
-        members.append(SAETraining(sae, train_config(cfg, data.device), NullLogger()))
+        state = None if out is None else out / state_name()
+        sae = member_sae(data, cfg)
+        members.append(SAETraining(sae, train_config(cfg, data.device), NullLogger(), state))
     if members:
         train_many(members, loader_of(data))
+    for m in members:
+        if isinstance(m.sae, ShardedSAE):
+            gather_sae(m.sae)  # to rank 0
     return distributed.share(None)
+
+
+def state_name() -> str:
+    """The file name of this rank's training state: ``train_state.pt`` on rank 0 (and in one
+    process), ``train_state.rank{r}.pt`` on rank r of a ``--shard-latents`` run."""
+    r = distributed.rank()
+    return "train_state.pt" if r == 0 else f"train_state.rank{r}.pt"
+
+
+def member_sae(data: RunData, cfg: RunConfig) -> SAE | ShardedSAE:
+    """A fresh SAE of ``cfg`` for ``data`` (torch's RNG seeded with ``cfg.seed`` first, so its
+    weights depend on nothing else); with ``--shard-latents`` this rank's shard of it (the whole
+    SAE drawn on the CPU: the initial weights of a one-process run)."""
+    torch.manual_seed(cfg.seed)
+    if not cfg.shard_latents:
+        return data.new_sae(cfg)
+    world = distributed.world_size()
+    if cfg.n_latents % world:
+        raise UserError(
+            f"--shard-latents: --n-latents {cfg.n_latents} does not divide among {world} "
+            f"ranks; choose a multiple of {world}"
+        )
+    sae = replace(data, device="cpu").new_sae(cfg)
+    return ShardedSAE.from_sae(sae, distributed.current().group).to(data.device)
 
 
 @contextlib.contextmanager
@@ -334,9 +375,13 @@ def removed_on_failure(out: Path, keep: Callable[[], bool]) -> Iterator[None]:
 def _train(data: RunData, out: Path, name: str) -> dict:
     """``run``'s work in the locked run directory ``out``."""
     distributed.share([0])  # the members to train: the run's one
+    if data.cfg.shard_latents:
+        distributed.share(str(out))
     member = start_member(data, data.cfg, out, name)
     try:
         summary = train_many([member], loader_of(data))[0]
+        if isinstance(member.sae, ShardedSAE):
+            member.sae = gather_sae(member.sae).to(data.device)
     except BaseException:
         member.logger.abort()
         raise
@@ -345,24 +390,25 @@ def _train(data: RunData, out: Path, name: str) -> dict:
 
 def loader_of(data: RunData) -> ActivationLoader:
     """The training batches of ``data`` (seeded by its ``seed``, of its ``batch_size``); under
-    torchrun, this rank's share of them (``batch_size`` / N rows, disjoint from the others')."""
-    cfg, ranks = data.cfg, distributed.world_size()
+    torchrun, this rank's share of them (``batch_size`` / N rows, disjoint from the others'),
+    or with ``--shard-latents`` the whole batches on every rank."""
+    cfg = data.cfg
+    ranks = 1 if cfg.shard_latents else distributed.world_size()
+    rank = 0 if cfg.shard_latents else distributed.rank()
     return ActivationLoader(
         data.cache, cfg.site, cfg.batch_size // ranks, seed=cfg.seed, device=data.device,
-        verify=cfg.verify, rank=distributed.rank(), world_size=ranks,
+        verify=cfg.verify, rank=rank, world_size=ranks,
     )  # fmt: skip
 
 
 def start_member(
     data: RunData, cfg: RunConfig, out: Path, name: str, group: str | None = None
 ) -> SAETraining:
-    """A fresh SAE of ``cfg`` for ``data`` (torch's RNG seeded with ``cfg.seed`` first, so its
-    weights depend on nothing else), its ``config.json`` in ``out`` and its logger (W&B run
-    ``name`` in ``group``): the loop state that training (or resuming from
+    """A fresh SAE of ``cfg`` for ``data`` (``member_sae``), its ``config.json`` in ``out`` and
+    its logger (W&B run ``name`` in ``group``): the loop state that training (or resuming from
     ``out/train_state.pt``) steps."""
     cfg = replace(cfg, out=out)
-    torch.manual_seed(cfg.seed)
-    sae = data.new_sae(cfg)
+    sae = member_sae(data, cfg)
     write_output(out / "config.json", cfg.to_json())
     logger = RunLogger(out, json.loads(cfg.to_json()), name, group=group)
     try:

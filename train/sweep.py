@@ -194,6 +194,11 @@ def run_sweep(cfgs: list[RunConfig], resume: bool = False) -> list[dict]:
     A sweep that fails before any member's first checkpoint leaves nothing behind.
     """
     check_members(cfgs)
+    if cfgs[0].shard_latents:
+        raise UserError(
+            "--shard-latents trains one SAE over the ranks; it does not combine with a sweep "
+            "(comma lists or --sweep): run the members one by one"
+        )
     with distributed.started(pick_device(cfgs[0].device)):
         check_ranks(cfgs)
         if not distributed.is_main():

@@ -21,6 +21,11 @@ Under torchrun (``distributed``) every rank steps its own SAE on its share of ea
 fired latents and buffers are combined after each backward pass (``distributed.reduce_step``),
 and on logging steps the logged losses are the mean over the ranks and the ranks' weights are
 checked to be identical. Only a ``state_path`` is saved to (rank 0's).
+
+A ``ShardedSAE`` (``--shard-latents``: every rank holds its shard and reads the whole batch)
+combines its ranks' work inside its forward and backward: the trainer then neither shares rank
+0's start state nor reduces the step nor compares the ranks' weights; each rank saves its own
+``state_path``, and the ranks check that they resume at the same step.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from . import distributed
 from .config import RunConfig
 from .files import write_output
 from .sae import SAE, SPARSITY_WARMUP
+from .sharded import ShardedSAE
 from .target_l0 import L0Controller
 from .wandb_log import RunLogger
 
@@ -206,6 +212,7 @@ class SAETraining:
         if cfg.target_l0 is not None:
             self.controller = L0Controller(cfg.target_l0, sae.cfg.sparsity_coeff, device)
         self.saved: int | None = None  # the step of the state in state_path
+        self.sharded = isinstance(sae, ShardedSAE)
         if state_path is not None and state_path.exists():
             self.first, self.last_fired = load_state(
                 state_path, sae, self.opt, controller=self.controller
@@ -216,9 +223,13 @@ class SAETraining:
                 )
             self.saved = self.first
             print(f"resuming from {state_path} at step {self.first} of {steps}")
-        start = distributed.share_state(
-            lambda: training_state(self.first, sae, self.opt, self.last_fired, self.controller)
-        )
+        start = None
+        if self.sharded:  # each rank resumed its own shard: at one step
+            distributed.check_agree({"the step of their training states": self.first})
+        else:
+            start = distributed.share_state(
+                lambda: training_state(self.first, sae, self.opt, self.last_fired, self.controller)
+            )
         if start is not None:  # another rank than 0: start where rank 0 starts
             self.first, self.last_fired = load_state(
                 "rank 0's state", sae, self.opt, start, controller=self.controller
@@ -272,7 +283,8 @@ class SAETraining:
             self.controller.update(distributed.mean_over_ranks([parts["l0"]])[0])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        fired = distributed.reduce_step(sae, fired)  # mean gradients, OR of fired, over ranks
+        if not self.sharded:  # mean gradients, OR of fired, over ranks
+            fired = distributed.reduce_step(sae, fired)
         sae.before_step()
         grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), sae.grad_clip or float("inf"))
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
@@ -291,7 +303,8 @@ class SAETraining:
             self.check_finite()
             loss, *values = distributed.mean_over_ranks([loss, *parts.values()])
             parts = dict(zip(parts, values, strict=True))
-            distributed.check_in_sync(sae, done)
+            if not self.sharded:
+                distributed.check_in_sync(sae, done)
             last = dead_latents(self.last_fired, done * cfg.batch_size, cfg.dead_window)
             sae.dead_budget = aux_budget(int(last.sum()))
             now = time.time()

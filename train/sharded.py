@@ -270,7 +270,7 @@ class ShardedTopKSAE(ShardedSAE):
         mse = normalized_mse(x, x_hat)
         aux = self.auxk_loss(x - b_dec, (x - x_hat).detach(), dead_mask)
         loss = mse + self.cfg.aux_alpha * aux
-        parts = {"mse": mse.detach(), "aux": aux.detach()}
+        parts = {"mse": mse.detach(), "aux": aux.detach(), "fvu": mse.detach()}
         return loss, parts, fired_latents(win_ids, win_vals, self.cfg.n_latents)
 
 
@@ -328,7 +328,8 @@ class ShardedBatchTopKSAE(ShardedSAE):
         rec, x_hat, extra = self.reconstruction_loss(x, f)
         aux = self.auxk_loss(xc, (x - x_hat).detach(), dead_mask, preacts=z)
         loss = rec + self.cfg.aux_alpha * aux
-        parts = {"mse": normalized_mse(x, x_hat).detach(), "aux": aux.detach(), **extra}
+        fvu = normalized_mse(x, x_hat).detach()
+        parts = {"mse": fvu, "aux": aux.detach(), "fvu": fvu, **extra}
         return loss, parts, fired
 
 

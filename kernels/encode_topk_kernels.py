@@ -73,7 +73,7 @@ from .utils import (
 )
 
 BACKENDS = ("auto", "fused", "dense")
-MAX_FUSED_K = 256  # k_pad above this: the running top-k no longer fits next to the z tile
+MAX_FUSED_K = 256  # k_pad above this: the select and exact passes' running top-k grows too large
 TOP = 4  # candidates kept per chunk: its TOP largest entries; the next one is the chunk's bound
 MAX_OVERFLOW_RATE = 2e-4  # chunk size: expected fraction of rows that need the exact pass
 OVERFLOW_SPLITS = 16  # column splits of the exact pass (its latency for a few rows)

@@ -30,3 +30,10 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.getbasetemp() / "flashsae_home"
     monkeypatch.setenv("FLASHSAE_HOME", str(home))
     monkeypatch.setenv("WANDB_DIR", str(home))
+
+
+@pytest.fixture
+def fast_cpu(monkeypatch):
+    """Train on the torch reference path, not the Triton interpreter; no W&B."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")

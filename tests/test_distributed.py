@@ -23,11 +23,7 @@ COMMON += ["--n-latents", "128", "--k", "4", "--eval-tokens", "512", "--checkpoi
 COMMON += ["--allow-other-model", "--seed", "3"]
 
 
-@pytest.fixture(autouse=True)
-def fast_cpu(monkeypatch):
-    """Train on the torch reference path, not the Triton interpreter; no W&B."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+pytestmark = pytest.mark.usefixtures("fast_cpu")  # conftest: torch path, no W&B
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ from flashsae.train.wandb_log import NullLogger
 SYNCING = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "cpu", "numpy")
 
 
-@pytest.fixture
-def torch_path(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-
-
-def test_bf16_and_fp32_runs_reach_the_same_fvu(torch_path, tmp_path):
+def test_bf16_and_fp32_runs_reach_the_same_fvu(fast_cpu, tmp_path):
     metrics = {}
     for dtype in ("fp32", "bf16"):
         cfg = RunConfig(
@@ -70,7 +64,7 @@ def _count_syncs(monkeypatch, arch, steps, target_l0=None):
 
 
 @pytest.mark.parametrize("arch", sorted(SAE_CLASSES))
-def test_a_training_step_has_no_host_sync_outside_logging(torch_path, monkeypatch, arch):
+def test_a_training_step_has_no_host_sync_outside_logging(fast_cpu, monkeypatch, arch):
     """Only the logging steps (here the first and the last) sync: more steps, no more syncs.
     The dead window is short, so dead latents (AuxK) appear during the run."""
     few, many = _count_syncs(monkeypatch, arch, 4), _count_syncs(monkeypatch, arch, 12)
@@ -78,7 +72,7 @@ def test_a_training_step_has_no_host_sync_outside_logging(torch_path, monkeypatc
 
 
 @pytest.mark.parametrize("arch", lambda_archs())
-def test_the_l0_controller_adds_no_host_sync_outside_logging(torch_path, monkeypatch, arch):
+def test_the_l0_controller_adds_no_host_sync_outside_logging(fast_cpu, monkeypatch, arch):
     """--target-l0: the running L0 and λ stay on the device; only logging steps read them."""
     few = _count_syncs(monkeypatch, arch, 4, target_l0=8.0)
     many = _count_syncs(monkeypatch, arch, 12, target_l0=8.0)

@@ -13,12 +13,7 @@ from flashsae.train.topk import TopKSAE
 from tests.test_distributed import COMMON, assert_close_weights, torchrun
 from tests.test_train_robust import last_error, random_rows, write_cache
 
-
-@pytest.fixture(autouse=True)
-def fast_cpu(monkeypatch):
-    """Train on the torch reference path, not the Triton interpreter; no W&B."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+pytestmark = pytest.mark.usefixtures("fast_cpu")  # conftest: torch path, no W&B
 
 
 @pytest.fixture(scope="module")

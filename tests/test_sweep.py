@@ -33,11 +33,7 @@ sparsity_coeff = 2.0
 """
 
 
-@pytest.fixture(autouse=True)
-def fast_cpu(monkeypatch):
-    """Train on the torch reference path, not the Triton interpreter; no W&B."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+pytestmark = pytest.mark.usefixtures("fast_cpu")  # conftest: torch path, no W&B
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,6 @@ from flashsae.train.target_l0 import L0Controller
 TARGETS = (10.0, 30.0, 100.0)
 
 
-@pytest.fixture
-def fast_cpu(monkeypatch):
-    """Train on the torch reference path, not the Triton interpreter; no W&B."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-
-
 def test_three_targets_land_within_ten_percent_of_the_held_out_l0(fast_cpu, tmp_path):
     """One sweep on the bundled tiny model (256 steps), the Gated SAE at three targets: each
     ends within 10% of its target on held-out text, with its final λ in cfg.json and metrics."""

@@ -36,11 +36,7 @@ FAST = ["--model", "bytelm-tiny", "--tokens", "4096", "--batch-size", "512", "--
 FAST += ["--n-latents", "128", "--eval-tokens", "512", "--checkpoint-every", "2"]
 
 
-@pytest.fixture(autouse=True)
-def fast_cpu(monkeypatch):
-    """Train on the torch reference path, not the Triton interpreter; no W&B."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+pytestmark = pytest.mark.usefixtures("fast_cpu")  # conftest: torch path, no W&B
 
 
 def write_cache(folder, x, model_key="other-model", dtype="float32", d=D):

@@ -7,7 +7,8 @@ For each shape (d, n) at batch B (default 8192), bf16 autocast and fp32 master w
             loss, backward, remove_parallel_grad_, fused Adam, normalize_decoder_
   dense     the baseline, plain PyTorch as SAELens writes it: the epilogue as separate torch
             ops (autograd keeps their intermediates), JumpReLU's straight-through estimator as
-            torch autograd Functions, torch decoder-norm maintenance, fused Adam
+            torch autograd Functions and its tanh penalty as torch ops, torch decoder-norm
+            maintenance, fused Adam
   floor     the step's GEMMs at the measured bf16 GEMM rate ([B, d] @ [d, n] and its
             transposes: 8 for Gated - encoder, decoder, frozen-decoder aux, and their
             backward including grad x_c for b_dec; 5 for JumpReLU) plus one fused Adam update
@@ -32,14 +33,14 @@ from common import (
     start_gpu_bench,
 )
 
-from flashsae.kernels import BANDWIDTH, gated, jumprelu
+from flashsae.kernels import gated, jumprelu
 from flashsae.train.gated import GatedSAE
-from flashsae.train.jumprelu import JumpReLUSAE
+from flashsae.train.jumprelu import TANH_SCALE, JumpReLUSAE
 from flashsae.train.sae import SAEConfig
 
 SHAPES = [(768, 32768), (2048, 65536)]
 ARCHS = {"gated": (GatedSAE, 8), "jumprelu": (JumpReLUSAE, 5)}  # class, GEMMs per step
-LAMBDA = {"gated": 2.0, "jumprelu": 0.2}
+LAMBDA = {"gated": 2.0, "jumprelu": JumpReLUSAE.default_sparsity_coeff}
 RESULTS = Path(__file__).parent / "results" / "arch_bench.jsonl"
 
 
@@ -47,19 +48,20 @@ class _Rectangle(torch.autograd.Function):
     """SAELens-style JumpReLU and Heaviside step with pseudo-derivatives for θ (torch only)."""
 
     @staticmethod
-    def forward(ctx, z, theta, jump):
+    def forward(ctx, z, theta, jump, eps):
         ctx.save_for_backward(z, theta)
-        ctx.jump = jump
+        ctx.jump, ctx.eps = jump, eps
         active = z > theta
         return z * active if jump else active.to(z.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         z, theta = ctx.saved_tensors
-        window = ((z - theta).abs() < BANDWIDTH / 2).to(grad.dtype) / BANDWIDTH
+        eps = ctx.eps
+        window = ((z - theta).abs() < eps / 2).to(grad.dtype) / eps
         if ctx.jump:
-            return grad * (z > theta), (-theta * window * grad).sum(0).to(theta.dtype), None
-        return None, (-window * grad).sum(0).to(theta.dtype), None
+            return grad * (z > theta), (-theta * window * grad).sum(0).to(theta.dtype), None, None
+        return None, (-window * grad).sum(0).to(theta.dtype), None, None
 
 
 def _dense_gated(pre, b_gate, r_mag, b_mag):
@@ -80,9 +82,12 @@ def _dense_loss(arch, sae, x):
         return mse + LAMBDA[arch] * g.sum(1).mean() + aux
     z = torch.addmm(sae.b_enc, x, sae.W_enc)
     theta = sae.threshold
-    f = _Rectangle.apply(z, theta, True)
-    l0 = _Rectangle.apply(z, theta, False).float().sum(1).mean()
-    return (x - (f @ sae.W_dec + sae.b_dec)).square().sum(1).mean() + LAMBDA[arch] * l0
+    f = _Rectangle.apply(z, theta, True, sae.bandwidth)
+    if sae.step_penalty:
+        penalty = _Rectangle.apply(z, theta, False, sae.bandwidth).float().sum(1).mean()
+    else:
+        penalty = torch.tanh(TANH_SCALE * f.float()).sum(1).mean()
+    return (x - (f @ sae.W_dec + sae.b_dec)).square().sum(1).mean() + LAMBDA[arch] * penalty
 
 
 def _build(arch, d, n):

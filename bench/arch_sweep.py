@@ -4,7 +4,8 @@ Every run trains on the same cached activations (the bundled byte LM's default s
 shuffled order), for the same number of tokens, batch size and learning rate, with n latents,
 then is evaluated as ``python -m flashsae.train`` does (held-out text, SAE spliced in):
 
-  relu, gated, jumprelu   λ swept (``--sparsity-coeff`` of the CLI)
+  relu, gated, jumprelu,  λ swept (``--sparsity-coeff`` of the CLI)
+  jumprelu_step
   topk, batchtopk         k swept
   matryoshka              k swept (fewer points)
   rescale_shift           each trained relu SAE, frozen, with only r_mag and b_mag trained
@@ -49,7 +50,8 @@ RESULTS = Path(__file__).parent / "results"
 GRID = {
     "relu": [1.0, 2.0, 4.0, 8.0],
     "gated": [1.0, 2.0, 4.0, 8.0],
-    "jumprelu": [0.1, 0.2, 0.4, 0.8],
+    "jumprelu": [0.01, 0.03, 0.1, 0.3],
+    "jumprelu_step": [0.1, 0.2, 0.4, 0.8],
     "topk": [8, 16, 32, 64],
     "batchtopk": [8, 16, 32, 64],
     "matryoshka": [16, 64],
@@ -162,7 +164,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--jumprelu-bandwidth", type=float, default=None,
-        help="JumpReLU's pseudo-derivative bandwidth ε (default: the kernel's 1e-3)",
+        help="JumpReLU's pseudo-derivative bandwidth ε (default: the architecture's, 2 for "
+        "jumprelu and 1e-3 for jumprelu_step)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--tag", default="arch_sweep", help="stem of the result files")

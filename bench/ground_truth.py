@@ -44,14 +44,15 @@ DATA = SyntheticConfig(
 )
 # Architecture -> SAEConfig fields of its run (besides arch, d, n_latents; k_aux is d/2).
 # k near the ~5 active features; λ from one 262K-token pilot per architecture (relu λ = 4:
-# L0 18; gated λ = 4: L0 57; jumprelu λ = 0.4: L0 99, both still falling), not tuned further
+# L0 18; gated λ = 4: L0 57; jumprelu_step, then named jumprelu, λ = 0.4: L0 99, both still
+# falling), not tuned further
 ARCH_SETTINGS = {
     "topk": {"k": 6},
     "batchtopk": {"k": 6},
     "matryoshka": {"k": 6},
     "relu": {"sparsity_coeff": 4.0},
     "gated": {"sparsity_coeff": 4.0},
-    "jumprelu": {"sparsity_coeff": 0.4},
+    "jumprelu_step": {"sparsity_coeff": 0.4},
 }
 RECOVERED_COS = 0.9
 

@@ -33,7 +33,7 @@ from .utils import (
     use_triton,
 )
 
-BANDWIDTH = 1e-3  # ε, the rectangle kernel's width: the default here and in JumpReLU training
+BANDWIDTH = 1e-3  # ε, the rectangle kernel's width (the JumpReLU paper's; jumprelu_step's)
 
 
 @triton.jit

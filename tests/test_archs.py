@@ -6,11 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flashsae.kernels import BANDWIDTH
 from flashsae.train.batchtopk import THRESHOLD_DECAY, matryoshka_prefixes
 from flashsae.train.checkpoint import load_sae, save_sae
 from flashsae.train.gated import GatedNoAuxSAE, GatedSAE, GatedSigmoidSAE, rescale_shift
-from flashsae.train.jumprelu import THRESHOLD_LR_SCALE, JumpReLUSAE
+from flashsae.train.jumprelu import PREACT_COEFF, TANH_SCALE, JumpReLUSAE, JumpReLUStepSAE
 from flashsae.train.relu import ReLUSAE
 from flashsae.train.sae import SAE_CLASSES, SPARSITY_WARMUP, make_sae, normalized_mse
 from flashsae.train.synthetic import SyntheticActivations, SyntheticConfig
@@ -25,7 +24,8 @@ COEFF = {
     "gated": 0.3,
     "gated_noaux": 0.3,
     "gated_sigmoid": 0.3,
-    "jumprelu": 0.03,
+    "jumprelu": 0.003,
+    "jumprelu_step": 0.03,
 }  # λ for these tiny SAEs (d = 16)
 KEYS = {
     "topk": {"W_enc", "b_enc", "W_dec", "b_dec"},
@@ -34,6 +34,7 @@ KEYS = {
     "gated_noaux": {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"},
     "gated_sigmoid": {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"},
     "jumprelu": {"W_enc", "b_enc", "threshold", "W_dec", "b_dec"},
+    "jumprelu_step": {"W_enc", "b_enc", "threshold", "W_dec", "b_dec"},
     "batchtopk": {"W_enc", "b_enc", "threshold", "W_dec", "b_dec"},
     "matryoshka": {"W_enc", "b_enc", "threshold", "W_dec", "b_dec"},
 }
@@ -128,7 +129,7 @@ def test_checkpoint_folds_the_normalization(arch, tmp_path):
         torch.testing.assert_close(again[name], t, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("arch", ["gated", "jumprelu"])
+@pytest.mark.parametrize("arch", ["gated", "jumprelu", "jumprelu_step"])
 def test_kernel_path_matches_torch_path(arch, monkeypatch):
     """One loss and its gradients through the Triton kernels (interpreter) and through torch."""
     sae, stream = _trained(arch, steps=5)
@@ -215,37 +216,73 @@ def test_rescale_shift_starts_as_the_relu_sae_and_trains_only_r_mag_b_mag():
         assert changed == (name in ("r_mag", "b_mag")), name
 
 
-def test_jumprelu_threshold_learns_only_through_the_ste():
-    """grad of θ's parameter p (θ = exp(c p)) = c θ Σ_b K_b (-(θ/ε) ∂L/∂f_b - λ/(ε B)),
-    K_b = 1[|z_b - θ| < ε/2]: exactly the rectangle-kernel pseudo-gradient, zero for latents
-    with no pre-activation inside the window."""
-    sae = _build("jumprelu", _Stream())
+@pytest.mark.parametrize("arch", ["jumprelu", "jumprelu_step"])
+def test_jumprelu_threshold_learns_only_through_the_ste(arch):
+    """grad of θ's parameter p (θ = exp(c_θ p)) = c_θ θ Σ_b K_b (-(θ/ε) ∂L/∂f_b - [step] λ/(ε B)),
+    K_b = 1[|z_b - θ| < ε/2], with ∂L/∂f_b including λ c sech²(c f_b) / B for the tanh
+    penalty: exactly the rectangle-kernel pseudo-gradient, zero for latents with no
+    pre-activation inside the window."""
+    sae = _build(arch, _Stream())
     assert isinstance(sae, JumpReLUSAE) and sae.adam_betas == (0.0, 0.999)
-    torch.testing.assert_close(sae.threshold, torch.full((N,), 1e-3))
+    torch.testing.assert_close(sae.threshold, torch.full((N,), sae.threshold_init))
+    eps, c_theta = sae.bandwidth, sae.threshold_lr_scale
+    w = min(eps, 0.01)  # offsets of θ from z inside the window, θ > 0
     x = _Stream().batch(0, 16) * sae.cfg.input_scale
     with torch.no_grad():
         z = x @ sae.W_enc + sae.b_enc
         theta = torch.full((N,), 50.0)  # far above every z: no window, no gradient
         below = z[0] > 0.01
-        theta[below] = z[0, below] + 0.2 * BANDWIDTH  # row 0 just below θ: inside, inactive
+        theta[below] = z[0, below] + 0.2 * w  # row 0 just below θ: inside, inactive
         above = ~below & (z[1] > 0.01)
-        theta[above] = z[1, above] - 0.3 * BANDWIDTH  # row 1 just above θ: inside, active
-        sae.theta_param.copy_(theta.log() / THRESHOLD_LR_SCALE)
+        theta[above] = z[1, above] - 0.3 * w  # row 1 just above θ: inside, active
+        sae.theta_param.copy_(theta.log() / c_theta)
         theta = sae.threshold
     loss, _, _ = sae.training_loss(x, torch.zeros(N, dtype=torch.bool), 1.0)
     loss.backward()
     with torch.no_grad():
+        B, lam = x.shape[0], sae.cfg.sparsity_coeff
         z = x @ sae.W_enc + sae.b_enc
-        x_hat = sae(x)
-        df = 2 * (x_hat - x) @ sae.W_dec.T / x.shape[0]
-        K = ((z - theta).abs() < BANDWIDTH / 2).float()
-        lam = sae.cfg.sparsity_coeff
-        pseudo = (K * (-theta / BANDWIDTH * df - lam / (BANDWIDTH * x.shape[0]))).sum(0)
-        expected = THRESHOLD_LR_SCALE * theta * pseudo  # θ = exp(c · theta_param)
+        f = z * (z > theta)
+        df = 2 * (f @ sae.W_dec + sae.b_dec - x) @ sae.W_dec.T / B
+        K = ((z - theta).abs() < eps / 2).float()
+        if isinstance(sae, JumpReLUStepSAE):
+            pseudo = (K * (-theta / eps * df - lam / (eps * B))).sum(0)
+        else:
+            df = df + lam * TANH_SCALE / torch.cosh(TANH_SCALE * f).square() / B
+            pseudo = (K * (-theta / eps * df)).sum(0)
+        expected = c_theta * theta * pseudo
     assert K.sum(0).gt(0).sum() >= 3
     grad = sae.theta_param.grad
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-7)
     assert (grad[K.sum(0) == 0] == 0).all() and (grad[K.sum(0) > 0] != 0).all()
+
+
+def test_jumprelu_penalties_reach_the_encoder():
+    """jumprelu's terms give the encoder gradients of their own: the tanh penalty λ c sech²(c f)
+    on active entries, the pre-activation loss -λ_p on entries below θ; the step penalty gives
+    it none (only θ learns from L0)."""
+    stream = _Stream()
+    x = stream.batch(0, 32)
+    for arch in ("jumprelu", "jumprelu_step"):
+        torch.manual_seed(0)
+        sae = _build(arch, stream, sparsity_coeff=1.0)
+        xs = x * sae.cfg.input_scale
+        loss, parts, _ = sae.training_loss(xs, torch.zeros(N, dtype=torch.bool), 1.0)
+        (g_loss,) = torch.autograd.grad(loss, [sae.b_enc])
+        (g_mse,) = torch.autograd.grad((xs - sae(xs)).square().sum(1).mean(), [sae.b_enc])
+        f = sae.encode(xs).detach()
+        z = (xs @ sae.W_enc + sae.b_enc).detach()
+        if arch == "jumprelu":
+            torch.testing.assert_close(parts["sparsity"], torch.tanh(TANH_SCALE * f).sum(1).mean())
+            torch.testing.assert_close(
+                parts["preact"], torch.relu(sae.threshold - z).sum(1).mean(), msg="preact"
+            )
+            tanh = (TANH_SCALE / torch.cosh(TANH_SCALE * f).square() * (f > 0)).mean(0)
+            expected = tanh - PREACT_COEFF * (z < sae.threshold).float().mean(0)
+            assert tanh.abs().sum() > 0
+        else:
+            expected = torch.zeros(N)
+        torch.testing.assert_close(g_loss - g_mse, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_batchtopk_threshold_ema_is_used_at_inference():
@@ -320,7 +357,7 @@ def test_auxk_gives_the_segment_reduction_no_padded_pairs(monkeypatch, budget):
     assert aux_latents == {17, 40}
 
 
-@pytest.mark.parametrize("arch", ["gated", "jumprelu"])
+@pytest.mark.parametrize("arch", ["gated", "jumprelu", "jumprelu_step"])
 def test_initial_reconstruction_has_about_the_inputs_norm(arch):
     """W_enc = (2d/n) W_decᵀ: at n = 16 d, ||x̂ - b_dec|| ≈ ||x - b_dec|| (W_enc = W_decᵀ gave
     about 8x), and FVU well under 1 before any training."""
@@ -333,7 +370,9 @@ def test_initial_reconstruction_has_about_the_inputs_norm(arch):
         xc, f = x - sae.b_dec, sae.encode(x)
         ratio = ((f @ sae.W_dec).norm(dim=1) / xc.norm(dim=1)).mean().item()
     assert 0.8 < ratio < 1.3, ratio
-    assert 0.3 < (f > 0).float().mean() < 0.7  # about half the latents fire
+    # about half the latents fire at θ ≈ 0 (z is symmetric about 0), a fifth at jumprelu's 0.1
+    share = 0.2 if arch == "jumprelu" else 0.5
+    assert abs((f > 0).float().mean() - share) < 0.1
     assert normalized_mse(x, sae(x).detach()) < 0.3
 
 

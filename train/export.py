@@ -20,6 +20,7 @@ built-in ones:
 | matryoshka | jumprelu             | b_enc, threshold (scalar -> [n])    | true                 |
 | gated      | gated                | b_gate, r_mag, b_mag                | true                 |
 | jumprelu   | jumprelu             | b_enc, threshold                    | false                |
+| jumprelu_step | jumprelu          | b_enc, threshold                    | false                |
 | relu       | standard             | b_enc                               | false                |
 | gated_noaux | gated               | b_gate, r_mag, b_mag                | true                 |
 

@@ -459,8 +459,8 @@ def target_l0_warnings(results: dict, summary: dict) -> list[str]:
     return [
         f"--target-l0 {target:g} missed: held-out L0 {results['l0']:.3g} with λ ending at "
         f"{summary['sparsity_coeff']:.3g}; more steps (tokens / batch size) get closer, and "
-        "some targets are out of an architecture's reach (JumpReLU's L0 can stay below N "
-        "even at λ = 0)"
+        "some targets are out of an architecture's reach (jumprelu_step's L0 can stay below "
+        "N even at λ = 0)"
     ]
 
 

@@ -45,12 +45,13 @@ from flashsae.train.wandb_log import NullLogger
 
 RESULTS = Path(__file__).parent / "results"
 # λ for the penalized architectures, k for the TopK family, chosen before the sweep from one
-# pilot run per λ architecture (ReLU λ = 2: L0 40, Gated λ = 2: L0 51, JumpReLU λ = 0.2: L0 47)
-# to span L0 from about 10 to 100
+# pilot run per λ architecture (ReLU λ = 2: L0 40, Gated λ = 2: L0 51, jumprelu_step λ = 0.2:
+# L0 47; jumprelu λ = 0.03: L0 121 at 2M tokens in batches of 4096) to span L0 from about 10
+# to 100
 GRID = {
     "relu": [1.0, 2.0, 4.0, 8.0],
     "gated": [1.0, 2.0, 4.0, 8.0],
-    "jumprelu": [0.01, 0.03, 0.1, 0.3],
+    "jumprelu": [0.03, 0.1, 0.3, 1.0],
     "jumprelu_step": [0.1, 0.2, 0.4, 0.8],
     "topk": [8, 16, 32, 64],
     "batchtopk": [8, 16, 32, 64],

@@ -48,7 +48,7 @@ from .gated import encoder_init_scale
 from .sae import SAE, SAEConfig, SAELensLayout, normalized_mse, register
 
 TANH_SCALE = 4.0  # c in the penalty λ Σ tanh(c f_i)
-PREACT_COEFF = 1e-3  # λ_p of jumprelu's pre-activation loss λ_p Σ_i ReLU(θ_i - z_i)
+PREACT_COEFF = 1e-3  # λ_p of jumprelu's pre-activation loss λ_p Σ_i ReLU(sg(θ_i) - z_i)
 
 
 def _threshold_from_checkpoint(module: nn.Module, state: dict, prefix: str, *_args: object) -> None:

@@ -7,8 +7,8 @@ For each shape (d, n) at batch B (default 8192), bf16 autocast and fp32 master w
             loss, backward, remove_parallel_grad_, fused Adam, normalize_decoder_
   dense     the baseline, plain PyTorch as SAELens writes it: the epilogue as separate torch
             ops (autograd keeps their intermediates), JumpReLU's straight-through estimator as
-            torch autograd Functions and its tanh penalty as torch ops, torch decoder-norm
-            maintenance, fused Adam
+            torch autograd Functions and its tanh penalty and pre-activation loss as torch ops,
+            torch decoder-norm maintenance, fused Adam
   floor     the step's GEMMs at the measured bf16 GEMM rate ([B, d] @ [d, n] and its
             transposes: 8 for Gated - encoder, decoder, frozen-decoder aux, and their
             backward including grad x_c for b_dec; 5 for JumpReLU) plus one fused Adam update
@@ -35,7 +35,7 @@ from common import (
 
 from flashsae.kernels import gated, jumprelu
 from flashsae.train.gated import GatedSAE
-from flashsae.train.jumprelu import TANH_SCALE, JumpReLUSAE
+from flashsae.train.jumprelu import PREACT_COEFF, TANH_SCALE, JumpReLUSAE
 from flashsae.train.sae import SAEConfig
 
 SHAPES = [(768, 32768), (2048, 65536)]
@@ -83,11 +83,13 @@ def _dense_loss(arch, sae, x):
     z = torch.addmm(sae.b_enc, x, sae.W_enc)
     theta = sae.threshold
     f = _Rectangle.apply(z, theta, True, sae.bandwidth)
+    mse = (x - (f @ sae.W_dec + sae.b_dec)).square().sum(1).mean()
     if sae.step_penalty:
-        penalty = _Rectangle.apply(z, theta, False, sae.bandwidth).float().sum(1).mean()
-    else:
-        penalty = torch.tanh(TANH_SCALE * f.float()).sum(1).mean()
-    return (x - (f @ sae.W_dec + sae.b_dec)).square().sum(1).mean() + LAMBDA[arch] * penalty
+        l0 = _Rectangle.apply(z, theta, False, sae.bandwidth).float().sum(1).mean()
+        return mse + LAMBDA[arch] * l0
+    penalty = torch.tanh(TANH_SCALE * f.float()).sum(1).mean()
+    preact = torch.relu(theta.detach() - z.float()).sum(1).mean()
+    return mse + LAMBDA[arch] * penalty + PREACT_COEFF * preact
 
 
 def _build(arch, d, n):

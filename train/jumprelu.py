@@ -96,12 +96,8 @@ class JumpReLUSAE(SAE):
         out["threshold"] = torch.exp(self.threshold_lr_scale * out.pop("theta_param"))
         return out
 
-    def encode_l0(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(f [B, n], L0 count per row [B])."""
-        return jumprelu(x @ self.W_enc, self.b_enc, self.threshold, self.bandwidth)
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encode_l0(x)[0]
+        return jumprelu(x @ self.W_enc, self.b_enc, self.threshold, self.bandwidth)[0]
 
     def training_loss(
         self, x: torch.Tensor, dead_mask: torch.Tensor, progress: float
